@@ -1,0 +1,315 @@
+//! One subscribeRepos message → one typed [`Event`], or a [`FrameError`] naming why the frame
+//! was skipped. The header `{op, t}` is decoded first, then the body by `t`.
+
+use cid::Cid;
+use serde::Deserialize;
+
+use super::car::{BlockError, Car};
+use super::cbor::{self, WalkError};
+use super::event::{
+    Account, Action, Commit, Event, EventKind, Identity, OpRecord, RecordOp, Sync, Unavailable,
+};
+use super::record::{self, Decoded as RecordDecoded};
+use super::syntax::{is_nsid, is_record_key};
+
+/// Default frame size limit (§3): 5 MiB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 5 * 1024 * 1024;
+
+/// Why a frame was skipped. `reason()` is the bounded label of `frames_malformed_total`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("empty frame")]
+    Empty,
+    #[error("frame of {0} bytes exceeds the frame size limit")]
+    Oversized(u64),
+    #[error("header: {0}")]
+    Header(String),
+    #[error("non-canonical CBOR: {0}")]
+    NonCanonical(String),
+    #[error("frame has a header but no body")]
+    BodyMissing,
+    #[error("body: {0}")]
+    Body(String),
+    #[error("data after the body")]
+    TrailingData,
+    #[error("unknown header op {0}")]
+    UnknownOp(i64),
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("commit blocks: {0}")]
+    Car(String),
+}
+
+impl FrameError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::Oversized(_) => "oversized",
+            Self::Header(_) => "bad_header",
+            Self::NonCanonical(_) => "non_canonical",
+            Self::BodyMissing => "body_missing",
+            Self::Body(_) => "bad_body",
+            Self::TrailingData => "trailing_data",
+            Self::UnknownOp(_) => "unknown_op",
+            Self::UnknownType(_) => "unknown_type",
+            Self::Car(_) => "bad_car",
+        }
+    }
+
+    /// Every reason label, for pre-registering metrics and summaries.
+    pub const REASONS: &'static [&'static str] = &[
+        "empty",
+        "oversized",
+        "bad_header",
+        "non_canonical",
+        "body_missing",
+        "bad_body",
+        "trailing_data",
+        "unknown_op",
+        "unknown_type",
+        "bad_car",
+    ];
+}
+
+/// A decoded frame plus facts about how it was encoded.
+#[derive(Debug)]
+pub struct DecodedFrame {
+    pub event: Event,
+    /// The body's top-level keys were not in DAG-CBOR order (accepted, counted).
+    pub non_canonical: bool,
+}
+
+#[derive(Deserialize)]
+struct Header<'a> {
+    op: i64,
+    #[serde(borrow, default)]
+    t: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CommitBody<'a> {
+    seq: i64,
+    #[serde(default)]
+    too_big: bool,
+    repo: String,
+    commit: Cid,
+    rev: String,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(with = "serde_bytes", borrow)]
+    blocks: &'a [u8],
+    ops: Vec<WireOp<'a>>,
+    time: String,
+    #[serde(default)]
+    prev_data: Option<Cid>,
+}
+
+#[derive(Deserialize)]
+struct WireOp<'a> {
+    action: &'a str,
+    path: &'a str,
+    cid: Option<Cid>,
+    #[serde(default)]
+    prev: Option<Cid>,
+}
+
+#[derive(Deserialize)]
+struct IdentityBody {
+    seq: i64,
+    did: String,
+    time: String,
+    #[serde(default)]
+    handle: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AccountBody {
+    seq: i64,
+    did: String,
+    time: String,
+    active: bool,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SyncBody {
+    seq: i64,
+    did: String,
+    rev: String,
+    time: String,
+}
+
+#[derive(Deserialize)]
+struct InfoBody {
+    name: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+fn walk_error(part: &str, e: WalkError) -> FrameError {
+    match (part, e) {
+        (_, WalkError::Indefinite) => {
+            FrameError::NonCanonical(format!("indefinite-length item in {part}"))
+        }
+        ("header", e) => FrameError::Header(format!("{e:?}")),
+        (_, e) => FrameError::Body(format!("{e:?}")),
+    }
+}
+
+fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
+    serde_ipld_dagcbor::from_slice(bytes).map_err(|e| match e {
+        serde_ipld_dagcbor::DecodeError::TrailingData => FrameError::TrailingData,
+        serde_ipld_dagcbor::DecodeError::IndefiniteSize => {
+            FrameError::NonCanonical("indefinite-length item in body".into())
+        }
+        e => FrameError::Body(e.to_string()),
+    })
+}
+
+/// Decodes one WebSocket binary message.
+pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
+    if msg.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    let hlen = cbor::item_len(msg).map_err(|e| walk_error("header", e))?;
+    let header: Header = serde_ipld_dagcbor::from_slice(&msg[..hlen])
+        .map_err(|e| FrameError::Header(e.to_string()))?;
+    let rest = &msg[hlen..];
+    if rest.is_empty() {
+        return Err(FrameError::BodyMissing);
+    }
+    let non_canonical = !cbor::map_keys_canonical(rest);
+    let event = match header.op {
+        -1 => {
+            let b: ErrorBody = body(rest)?;
+            Event {
+                seq: 0,
+                kind: EventKind::Error {
+                    error: b.error,
+                    message: b.message,
+                },
+            }
+        }
+        1 => match header.t {
+            Some("#commit") => decode_commit(body(rest)?)?,
+            Some("#identity") => {
+                let b: IdentityBody = body(rest)?;
+                Event {
+                    seq: b.seq,
+                    kind: EventKind::Identity(Identity {
+                        did: b.did,
+                        handle: b.handle,
+                        time: b.time,
+                    }),
+                }
+            }
+            Some("#account") => {
+                let b: AccountBody = body(rest)?;
+                Event {
+                    seq: b.seq,
+                    kind: EventKind::Account(Account {
+                        did: b.did,
+                        active: b.active,
+                        status: b.status,
+                        time: b.time,
+                    }),
+                }
+            }
+            Some("#sync") => {
+                let b: SyncBody = body(rest)?;
+                Event {
+                    seq: b.seq,
+                    kind: EventKind::Sync(Sync {
+                        did: b.did,
+                        rev: b.rev,
+                        time: b.time,
+                    }),
+                }
+            }
+            Some("#info") => {
+                let b: InfoBody = body(rest)?;
+                Event {
+                    seq: 0,
+                    kind: EventKind::Info {
+                        name: b.name,
+                        message: b.message,
+                    },
+                }
+            }
+            Some(t) => return Err(FrameError::UnknownType(t.to_owned())),
+            None => return Err(FrameError::Header("message without t".into())),
+        },
+        op => return Err(FrameError::UnknownOp(op)),
+    };
+    Ok(DecodedFrame {
+        event,
+        non_canonical,
+    })
+}
+
+fn decode_commit(b: CommitBody<'_>) -> Result<Event, FrameError> {
+    let car = Car::parse(b.blocks).map_err(|e| FrameError::Car(e.to_string()))?;
+    let mut ops = Vec::with_capacity(b.ops.len());
+    for (i, op) in b.ops.iter().enumerate() {
+        let action = match op.action {
+            "create" => Action::Create,
+            "update" => Action::Update,
+            "delete" => Action::Delete,
+            other => return Err(FrameError::Body(format!("unknown op action {other:?}"))),
+        };
+        let (collection, rkey) = op.path.split_once('/').unwrap_or((op.path, ""));
+        let superseded = b.ops[i + 1..].iter().any(|later| later.path == op.path);
+        let record = if !is_nsid(collection) || !is_record_key(rkey) {
+            OpRecord::Unavailable(Unavailable::BadPath)
+        } else if action == Action::Delete {
+            OpRecord::None
+        } else if superseded {
+            OpRecord::Superseded
+        } else if b.too_big {
+            OpRecord::Unavailable(Unavailable::TooBig)
+        } else {
+            match &op.cid {
+                None => OpRecord::Unavailable(Unavailable::NoCid),
+                Some(cid) => match car.get_verified(cid) {
+                    Err(BlockError::Missing) => OpRecord::Unavailable(Unavailable::BlockMissing),
+                    Err(BlockError::Mismatch) => OpRecord::Unavailable(Unavailable::BlockMismatch),
+                    Ok(block) => match record::decode(collection, rkey, block) {
+                        Ok(RecordDecoded::Known(k)) => OpRecord::Known(k),
+                        Ok(RecordDecoded::Generic(j)) => OpRecord::Generic(j),
+                        Err(r) => OpRecord::Invalid(r),
+                    },
+                },
+            }
+        };
+        ops.push(RecordOp {
+            action,
+            collection: collection.to_owned(),
+            rkey: rkey.to_owned(),
+            cid: op.cid,
+            prev: op.prev,
+            record,
+        });
+    }
+    Ok(Event {
+        seq: b.seq,
+        kind: EventKind::Commit(Commit {
+            repo: b.repo,
+            rev: b.rev,
+            since: b.since,
+            commit: b.commit,
+            prev_data: b.prev_data,
+            time: b.time,
+            too_big: b.too_big,
+            ops,
+        }),
+    })
+}

@@ -1,0 +1,12 @@
+//! Firehose input: fixture files, frame decoding, CAR blocks, typed records.
+
+pub mod car;
+pub mod cbor;
+pub mod event;
+pub mod fixture;
+pub mod frame;
+pub mod record;
+pub mod syntax;
+
+pub use event::{Action, Event, EventKind, OpRecord, RecordOp};
+pub use frame::{decode, FrameError};

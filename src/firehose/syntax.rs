@@ -1,0 +1,127 @@
+//! atproto identifier syntax checks (DID, handle, NSID, record key, AT-URI, datetime).
+//! DID, handle, NSID, record key and datetime rules come from atrium-api's validated string
+//! types; the AT-URI check (restricted syntax of the spec) is written here.
+
+use atrium_api::types::string::{Datetime, Did, Handle, Nsid, RecordKey};
+
+/// Longest AT-URI the spec allows.
+const MAX_AT_URI: usize = 8 * 1024;
+
+pub fn is_did(s: &str) -> bool {
+    s.parse::<Did>().is_ok()
+}
+
+pub fn is_handle(s: &str) -> bool {
+    s.parse::<Handle>().is_ok()
+}
+
+pub fn is_nsid(s: &str) -> bool {
+    s.parse::<Nsid>().is_ok()
+}
+
+pub fn is_record_key(s: &str) -> bool {
+    s.parse::<RecordKey>().is_ok()
+}
+
+pub fn is_datetime(s: &str) -> bool {
+    s.parse::<Datetime>().is_ok()
+}
+
+/// Restricted AT-URI: `at://AUTHORITY[/COLLECTION[/RKEY]]`, authority a DID or handle,
+/// collection an NSID, rkey a record key; no query, no trailing slash. A fragment
+/// (`#/json/pointer`) is allowed after the path.
+pub fn is_at_uri(s: &str) -> bool {
+    if s.len() > MAX_AT_URI {
+        return false;
+    }
+    let Some(rest) = s.strip_prefix("at://") else {
+        return false;
+    };
+    let (path, fragment) = match rest.split_once('#') {
+        Some((p, f)) => (p, Some(f)),
+        None => (rest, None),
+    };
+    if let Some(f) = fragment {
+        let ok = f.starts_with('/')
+            && f.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._~:@!$&')(*+,;=-[]/\\".contains(&b));
+        if !ok {
+            return false;
+        }
+    }
+    let mut parts = path.split('/');
+    let authority = parts.next().unwrap_or_default();
+    if !(is_did(authority) || is_handle(authority)) {
+        return false;
+    }
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => true,
+        (Some(c), None, _) => is_nsid(c),
+        (Some(c), Some(r), None) => is_nsid(c) && is_record_key(r),
+        _ => false,
+    }
+}
+
+/// Splits a valid AT-URI into (authority, collection, rkey).
+pub fn split_at_uri(s: &str) -> Option<(&str, Option<&str>, Option<&str>)> {
+    let rest = s.strip_prefix("at://")?;
+    let rest = rest.split('#').next().unwrap_or(rest);
+    let mut parts = rest.splitn(3, '/');
+    let authority = parts.next()?;
+    Some((authority, parts.next(), parts.next()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads an interop syntax vector file: non-empty lines that are not comments.
+    fn vectors(name: &str) -> Vec<String> {
+        let path = format!(
+            "{}/fixtures/interop/syntax/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        text.lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn check(name: &str, f: fn(&str) -> bool) {
+        let valid = vectors(&format!("{name}_syntax_valid.txt"));
+        let invalid = vectors(&format!("{name}_syntax_invalid.txt"));
+        assert!(!valid.is_empty() && !invalid.is_empty());
+        for v in &valid {
+            assert!(f(v), "{name}: should be valid: {v:?}");
+        }
+        for v in &invalid {
+            assert!(!f(v), "{name}: should be invalid: {v:?}");
+        }
+    }
+
+    #[test]
+    fn interop_did() {
+        check("did", is_did);
+    }
+    #[test]
+    fn interop_handle() {
+        check("handle", is_handle);
+    }
+    #[test]
+    fn interop_nsid() {
+        check("nsid", is_nsid);
+    }
+    #[test]
+    fn interop_record_key() {
+        check("recordkey", is_record_key);
+    }
+    #[test]
+    fn interop_datetime() {
+        check("datetime", is_datetime);
+    }
+    #[test]
+    fn interop_at_uri() {
+        check("aturi", is_at_uri);
+    }
+}
