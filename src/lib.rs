@@ -4,4 +4,5 @@
 //! Modules, in pipeline order:
 //! - [`firehose`]: fixture files, frame decoding, CAR blocks, typed records.
 
+pub mod db;
 pub mod firehose;
