@@ -6,3 +6,7 @@
 
 pub mod db;
 pub mod firehose;
+pub mod mapping;
+pub mod pipeline;
+pub mod replay;
+pub mod writer;
