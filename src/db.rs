@@ -169,16 +169,16 @@ pub async fn ensure_database(cfg: &DbConfig) -> Result<(), DbError> {
 
 /// Applies `migrations/` (embedded at build time) with a single sqlx connection.
 pub async fn migrate(cfg: &DbConfig) -> Result<(), DbError> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&cfg.url)
+    // A one-connection sqlx pool, closed afterwards: `Migrator::run` on a pool is `Send`
+    // (on a bare connection it is not), so migrations can run inside spawned tasks.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&cfg.url)
         .await
         .map_err(|e| DbError::Migrate(format!("connecting to {}: {e}", redact_url(&cfg.url))))?;
-    sqlx::migrate!("./migrations")
-        .run(&mut conn)
-        .await
-        .map_err(|e| DbError::Migrate(e.to_string()))?;
-    conn.close().await.ok();
-    Ok(())
+    let result = sqlx::migrate!("./migrations").run(&pool).await;
+    pool.close().await;
+    result.map_err(|e| DbError::Migrate(e.to_string()))
 }
 
 #[cfg(test)]

@@ -105,15 +105,14 @@ pub fn build(events: &[Event], mut state: HashMap<String, ActorState>) -> Plan {
                 } else if st.rev.as_deref().is_some_and(|r| r >= c.rev.as_str()) {
                     plan.stats.commits_already_applied += 1;
                 } else {
-                    let complete = apply_commit(&mut plan, ev.seq, c);
+                    let outcome = apply_commit(&mut plan, ev.seq, c);
                     plan.stats.commits_applied += 1;
                     let upd = plan.actors.entry(c.repo.clone()).or_default();
-                    if complete {
+                    if outcome.complete {
                         st.rev = Some(c.rev.clone());
                         upd.rev = Some(c.rev.clone());
-                    } else {
-                        upd.needs_resync = true;
                     }
+                    upd.needs_resync |= outcome.damaged;
                 }
             }
             EventKind::Identity(i) => {
@@ -144,14 +143,28 @@ fn purge(plan: &mut Plan, did: &str) {
     plan.purges.push(did.to_owned());
 }
 
-/// Adds one commit's ops; returns false when some op could not be read.
-fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> bool {
+/// How completely a commit could be applied.
+struct Outcome {
+    /// Every op was applied with a valid record: the repo's rev may advance past this commit.
+    /// Otherwise the rev stays, so the same commit seen again (a replay, or a clean copy of a
+    /// damaged frame) is applied again — harmless, every write is idempotent.
+    complete: bool,
+    /// Some record could not be read at all (missing block, CID mismatch, `tooBig`): the repo
+    /// needs a resync from its PDS.
+    damaged: bool,
+}
+
+/// Adds one commit's ops to the plan.
+fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
     let origin = Origin {
         did: &c.repo,
         seq,
         time: mapping::parse_time(&c.time),
     };
-    let mut complete = true;
+    let mut out = Outcome {
+        complete: true,
+        damaged: false,
+    };
     for op in &c.ops {
         let table = Table::for_collection(&op.collection);
         let uri = op.uri(&c.repo);
@@ -180,6 +193,7 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> bool {
                     .invalid
                     .entry((op.collection.clone(), r.kind))
                     .or_default() += 1;
+                out.complete = false;
                 if *action == Action::Update {
                     // The new version breaks its lexicon: the old one is gone all the same.
                     plan.changes.insert((table, uri), Change::Delete);
@@ -193,7 +207,8 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> bool {
             (_, OpRecord::Unavailable(u)) => {
                 *plan.stats.unavailable.entry(u.reason()).or_default() += 1;
                 if *u != Unavailable::BadPath {
-                    complete = false;
+                    out.complete = false;
+                    out.damaged = true;
                 }
                 continue;
             }
@@ -213,5 +228,5 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> bool {
         };
         plan.changes.insert(key, change);
     }
-    complete
+    out
 }

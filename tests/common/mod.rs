@@ -204,6 +204,15 @@ pub async fn assert_aggregates_consistent(pool: &sqlx::PgPool) {
 
 /// A digest of every row of every table but the cursor, to prove a replay changed nothing.
 pub async fn snapshot(pool: &sqlx::PgPool) -> BTreeMap<String, String> {
+    snapshot_with(pool, "x::text").await
+}
+
+/// The same digest without `indexed_at` (wall-clock times): compares two databases.
+pub async fn snapshot_without_times(pool: &sqlx::PgPool) -> BTreeMap<String, String> {
+    snapshot_with(pool, "(to_jsonb(x) - 'indexed_at')::text").await
+}
+
+async fn snapshot_with(pool: &sqlx::PgPool, expr: &str) -> BTreeMap<String, String> {
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename NOT IN ('firehose_cursor', '_sqlx_migrations') ORDER BY 1",
     )
@@ -213,7 +222,7 @@ pub async fn snapshot(pool: &sqlx::PgPool) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for t in tables {
         let digest: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT md5(string_agg(x::text, '|' ORDER BY x::text)) FROM {t} x"
+            "SELECT md5(string_agg({expr}, '|' ORDER BY {expr})) FROM {t} x"
         ))
         .fetch_one(pool)
         .await
@@ -221,4 +230,63 @@ pub async fn snapshot(pool: &sqlx::PgPool) -> BTreeMap<String, String> {
         out.insert(t, digest.unwrap_or_default());
     }
     out
+}
+
+/// A scratch database next to the test's own (for comparing two replays); dropped on `drop`.
+pub struct ScratchDb {
+    pub cfg: DbConfig,
+    pub pool: sqlx::PgPool,
+    admin: sqlx::PgPool,
+    name: String,
+}
+
+impl ScratchDb {
+    pub async fn new(test_pool: &sqlx::PgPool, suffix: &str) -> Self {
+        let base = db_config(test_pool);
+        // sqlx's test database names are near the 63-byte limit: use a short unique one.
+        let name = format!("scratch_{suffix}_{:016x}", rand::random::<u64>());
+        let root = base.url.rsplit_once('/').unwrap().0.to_owned();
+        let admin = sqlx::PgPool::connect(&format!("{root}/postgres"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let mut cfg = base.clone();
+        cfg.url = format!("{root}/{name}");
+        atproto_ingest::db::ensure_database(&cfg).await.unwrap();
+        let pool = sqlx::PgPool::connect(&cfg.url).await.unwrap();
+        Self {
+            cfg,
+            pool,
+            admin,
+            name,
+        }
+    }
+
+    pub async fn drop_db(self) {
+        self.pool.close().await;
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&self.admin)
+        .await;
+    }
+}
+
+/// Writes the first `n` frames of a fixture to a new temp file.
+pub fn first_frames(name: &str, n: usize) -> tempfile::NamedTempFile {
+    use atproto_ingest::firehose::fixture::{open, FrameReader, FrameWriter, RawFrame};
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let mut w = FrameWriter::new(std::io::BufWriter::new(file.reopen().unwrap()));
+    for f in FrameReader::new(open(&fixture(name)).unwrap(), usize::MAX).take(n) {
+        match f.unwrap() {
+            RawFrame::Message(m) => w.write_frame(&m).unwrap(),
+            RawFrame::Oversized { .. } => unreachable!(),
+        }
+    }
+    w.flush().unwrap();
+    file
 }
