@@ -133,6 +133,12 @@ impl Stats {
         self.tables().unavailable.get(reason).copied().unwrap_or(0)
     }
 
+    /// Rows inserted plus rows deleted, all tables.
+    pub fn rows_written(&self) -> u64 {
+        let t = self.tables();
+        t.inserted.values().sum::<u64>() + t.deleted.values().sum::<u64>()
+    }
+
     /// The closing summary, one item per line.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
