@@ -250,7 +250,8 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
     let mut next = frames.iter().position(|f| f.key > after);
     let mut ticker = shared.rate_limit.map(|r| {
         let mut t = tokio::time::interval(Duration::from_secs(1) / r);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Burst keeps the average rate exact when the period is below the timer resolution.
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         t
     });
     let (mut tx, mut rx) = ws.split();
