@@ -224,6 +224,8 @@ fn cursor_of(req: &Request) -> Result<Option<i64>, (StatusCode, &'static str)> {
     Ok(None)
 }
 
+// The handshake callback's error type is tungstenite's HTTP response; its size is not ours.
+#[allow(clippy::result_large_err)]
 async fn serve(stream: TcpStream, shared: Arc<Shared>, cut: CancellationToken) {
     let mut cursor = None;
     let callback = |req: &Request, resp: Response| match cursor_of(req) {

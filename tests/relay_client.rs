@@ -43,8 +43,14 @@ fn seq_of(msg: &[u8]) -> i64 {
 /// Checks that `received` is the concatenation of one segment per connection, the k-th starting
 /// right after the cursor it asked for: never a gap, duplicates only by resuming from a cursor.
 fn assert_resumed_from_cursors(received: &[i64], cursors: &[Option<i64>]) {
-    assert_eq!(cursors.first(), Some(&None), "first connection has no cursor");
-    let mut later = cursors[1..].iter().map(|c| c.expect("reconnect carries a cursor"));
+    assert_eq!(
+        cursors.first(),
+        Some(&None),
+        "first connection has no cursor"
+    );
+    let mut later = cursors[1..]
+        .iter()
+        .map(|c| c.expect("reconnect carries a cursor"));
     let mut prev = 0;
     for &s in received {
         if s != prev + 1 {
@@ -68,7 +74,12 @@ async fn reads_every_frame_and_resumes_from_the_cursor_after_drops() {
     let (cursor_tx, cursor_rx) = watch::channel(None);
     let (tx, mut rx) = mpsc::channel(16);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(client::run(client_cfg(&relay), cursor_rx, tx, cancel.clone()));
+    let task = tokio::spawn(client::run(
+        client_cfg(&relay),
+        cursor_rx,
+        tx,
+        cancel.clone(),
+    ));
 
     let mut received = Vec::new();
     let mut drops_at = vec![1500, 1000, 400];
@@ -92,7 +103,10 @@ async fn reads_every_frame_and_resumes_from_the_cursor_after_drops() {
 
     assert_eq!(seen, (1..=FRAMES as i64).collect());
     let cursors = relay.cursors_requested();
-    assert!(cursors.len() >= 4, "three drops, three reconnects: {cursors:?}");
+    assert!(
+        cursors.len() >= 4,
+        "three drops, three reconnects: {cursors:?}"
+    );
     assert_resumed_from_cursors(&received, &cursors);
     cancel.cancel();
     task.await.unwrap().unwrap();
@@ -244,6 +258,9 @@ async fn record_across_relay_restarts_has_no_gaps_or_duplicates() {
     .unwrap();
     chaos.await.unwrap();
     assert_eq!(n, FRAMES);
-    assert!(relay.cursors_requested().len() >= 2, "at least one reconnect");
+    assert!(
+        relay.cursors_requested().len() >= 2,
+        "at least one reconnect"
+    );
     assert!(std::fs::read(&out).unwrap() == std::fs::read(small()).unwrap());
 }

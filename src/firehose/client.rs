@@ -113,7 +113,9 @@ pub fn subscribe_url(relay_url: &str, cursor: Option<i64>) -> Result<String, Cli
 /// Reads the relay until `cancel` fires or `out`'s receiver is gone, reconnecting on every
 /// failure. The resume cursor is read from `cursor` on every (re)connect: `None` means "live
 /// tail", `Some(n)` resumes after seq `n`. Messages are sent to `out` in order; a full channel
-/// blocks reading (backpressure).
+/// blocks reading (backpressure). A message over `max_message_bytes` is counted
+/// (`atproto_ingest_relay_oversized_total`) and ends the connection; it is stepped over when it
+/// is the first message after a cursor (with no cursor there is nothing to step past).
 pub async fn run(
     cfg: ClientConfig,
     cursor: watch::Receiver<Option<i64>>,
