@@ -193,3 +193,57 @@ async fn rejects_a_poll_interval_longer_than_a_third_of_the_ttl() {
     c.poll_interval = TTL;
     assert!(Elector::connect(c).await.is_err());
 }
+
+/// A TCP proxy to Redis that can be cut, to simulate Redis becoming unreachable.
+async fn cuttable_redis_proxy(cut: CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let mut inbound = tokio::select! {
+                _ = cut.cancelled() => return, // drops the listener: connections are refused
+                r = listener.accept() => r.unwrap().0,
+            };
+            let cut = cut.clone();
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect("127.0.0.1:6379")
+                    .await
+                    .unwrap();
+                tokio::select! {
+                    _ = cut.cancelled() => {}
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                }
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
+
+#[tokio::test]
+async fn lost_fires_when_redis_is_unreachable_until_the_lease_expires() {
+    let p = prefix("unreachable");
+    let cut = CancellationToken::new();
+    let mut c = cfg(&p);
+    c.redis_url = cuttable_redis_proxy(cut.clone()).await;
+    let a = Elector::connect(c).await.unwrap();
+    let l = must_acquire(&a).await;
+    tokio::time::sleep(TTL).await;
+    assert!(l.is_held(), "renewed through the proxy");
+    let t = Instant::now();
+    cut.cancel();
+    tokio::time::timeout(TTL + SLACK, l.lost.cancelled())
+        .await
+        .expect("lost fired by the time the lease could have expired");
+    assert!(t.elapsed() <= TTL + SLACK);
+    // The lease really is gone (or about to be): a direct elector gets it within one poll.
+    let b = Elector::connect(cfg(&p)).await.unwrap();
+    let cancel = CancellationToken::new();
+    let lb = tokio::time::timeout(POLL + SLACK, b.acquire(&cancel))
+        .await
+        .expect("lease expired in Redis no later than the holder gave up")
+        .unwrap()
+        .unwrap();
+    assert!(lb.fence > l.fence);
+    lb.release().await.unwrap();
+    cleanup(&p).await;
+}
