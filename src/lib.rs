@@ -1,12 +1,29 @@
 //! atproto-ingest: reads the AT Protocol firehose (`com.atproto.sync.subscribeRepos`) and
 //! indexes it into PostgreSQL for an App View.
 //!
+//! ```text
+//! relay WebSocket ──frames──▶ decode ──events──▶ batcher ──▶ writer (one Postgres tx per batch,
+//!  (or fixture file)         (CBOR+CAR,          (size or      rows + derived tables + cursor)
+//!                             CID checks)          age)
+//! ```
+//!
 //! Modules, in pipeline order:
-//! - [`firehose`]: fixture files, frame decoding, CAR blocks, typed records.
+//! - [`firehose`]: fixture files, the live relay client, frame decoding, CAR blocks, typed records.
+//! - [`pipeline`]: the stages and bounded channels between them; run statistics.
+//! - [`mapping`]: record → row, pure functions.
+//! - [`writer`]: batch planning (collapse, idempotency) and bulk SQL in one transaction.
+//! - [`db`]: the PostgreSQL pool, migrations, database creation.
+//! - [`replay`]: fixture files through the pipeline.
+//! - [`record`]: live relay → fixture file.
+//! - [`leader`]: Redis lease, renewal, fencing token.
+//! - [`testrelay`]: an in-process relay serving fixture frames, for tests and development.
 
 pub mod db;
 pub mod firehose;
+pub mod leader;
 pub mod mapping;
 pub mod pipeline;
+pub mod record;
 pub mod replay;
+pub mod testrelay;
 pub mod writer;

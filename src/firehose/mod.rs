@@ -2,6 +2,7 @@
 
 pub mod car;
 pub mod cbor;
+pub mod client;
 pub mod event;
 pub mod fixture;
 pub mod frame;
