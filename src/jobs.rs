@@ -118,8 +118,12 @@ pub async fn run_once(
     metrics::counter!(m::JOB_ROWS_DELETED_TOTAL, "job" => name).increment(deleted);
     result.map(|_| {
         tracing::info!(
-            job = name, deleted, batches, elapsed_ms = elapsed.as_millis() as u64,
-            "cleanup job {name}: removed {deleted} expired rows in {:.2}s", elapsed.as_secs_f64()
+            job = name,
+            deleted,
+            batches,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "cleanup job {name}: removed {deleted} expired rows in {:.2}s",
+            elapsed.as_secs_f64()
         );
         RunReport {
             deleted,

@@ -150,21 +150,57 @@ fn describe() {
     let counters: &[(&'static str, &'static str)] = &[
         (EVENTS_TOTAL, "Firehose events received, by type."),
         (OPS_TOTAL, "Record ops decoded, by action and collection."),
-        (FRAMES_MALFORMED_TOTAL, "Frames skipped as malformed or oversized, by reason."),
-        (RECORDS_INVALID_TOTAL, "Records failing lexicon checks, by collection."),
-        (BLOCKS_MISMATCHED_TOTAL, "Record ops skipped: block missing or CID mismatch."),
-        (COMMITS_TOO_BIG_TOTAL, "tooBig commits (repo marked for resync)."),
+        (
+            FRAMES_MALFORMED_TOTAL,
+            "Frames skipped as malformed or oversized, by reason.",
+        ),
+        (
+            RECORDS_INVALID_TOTAL,
+            "Records failing lexicon checks, by collection.",
+        ),
+        (
+            BLOCKS_MISMATCHED_TOTAL,
+            "Record ops skipped: block missing or CID mismatch.",
+        ),
+        (
+            COMMITS_TOO_BIG_TOTAL,
+            "tooBig commits (repo marked for resync).",
+        ),
         (RECONNECTS_TOTAL, "Relay reconnect attempts, by reason."),
-        (PENDING_EVICTIONS_TOTAL, "DIDs evicted from the pending-op map."),
-        (PENDING_OVERFLOWS_TOTAL, "DIDs that hit the per-DID pending op bound."),
-        (IDENTITY_RESOLUTIONS_TOTAL, "Identity resolutions, by outcome."),
+        (
+            PENDING_EVICTIONS_TOTAL,
+            "DIDs evicted from the pending-op map.",
+        ),
+        (
+            PENDING_OVERFLOWS_TOTAL,
+            "DIDs that hit the per-DID pending op bound.",
+        ),
+        (
+            IDENTITY_RESOLUTIONS_TOTAL,
+            "Identity resolutions, by outcome.",
+        ),
         (ROWS_WRITTEN_TOTAL, "Rows written, by table."),
-        (DB_RETRIES_TOTAL, "Transaction retries, by SQLSTATE or cause."),
-        (DB_TX_FAILURES_TOTAL, "Transactions that failed for good, by reason."),
-        (DB_TX_TIMEOUTS_TOTAL, "Transaction attempts cancelled at the transaction timeout."),
+        (
+            DB_RETRIES_TOTAL,
+            "Transaction retries, by SQLSTATE or cause.",
+        ),
+        (
+            DB_TX_FAILURES_TOTAL,
+            "Transactions that failed for good, by reason.",
+        ),
+        (
+            DB_TX_TIMEOUTS_TOTAL,
+            "Transaction attempts cancelled at the transaction timeout.",
+        ),
         (JOB_RUNS_TOTAL, "Background job runs, by job and outcome."),
-        (JOB_ROWS_DELETED_TOTAL, "Rows deleted by background jobs, by job."),
-        (LEADER_TRANSITIONS_TOTAL, "Leader lease transitions, by event."),
+        (
+            JOB_ROWS_DELETED_TOTAL,
+            "Rows deleted by background jobs, by job.",
+        ),
+        (
+            LEADER_TRANSITIONS_TOTAL,
+            "Leader lease transitions, by event.",
+        ),
     ];
     for (name, help) in counters {
         describe_counter!(*name, *help);
@@ -185,7 +221,10 @@ fn describe() {
         (DB_POOL_IDLE, "Connections idle."),
         (DB_POOL_WAITING, "Tasks waiting for a connection."),
         (DB_POOL_UTILIZATION_RATIO, "Pool in use / max, last sample."),
-        (DB_POOL_UTILIZATION_AVG_RATIO, "Pool in use / max, average over a window."),
+        (
+            DB_POOL_UTILIZATION_AVG_RATIO,
+            "Pool in use / max, average over a window.",
+        ),
         (LEADER, "1 while this instance is the leader."),
     ];
     for (name, help) in gauges {
@@ -213,14 +252,26 @@ mod tests {
         metrics::counter!(DB_RETRIES_TOTAL, "sqlstate" => "40P01").increment(1);
         metrics::histogram!(DB_TX_SECONDS, "outcome" => "commit").record(0.02);
         let text = b.render();
-        assert!(text.contains("atproto_ingest_db_retries_total{sqlstate=\"40P01\"}"), "{text}");
-        assert!(text.contains("atproto_ingest_db_tx_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("atproto_ingest_db_retries_total{sqlstate=\"40P01\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("atproto_ingest_db_tx_seconds_bucket"),
+            "{text}"
+        );
         drop(a);
     }
 
     #[test]
     fn names_follow_conventions() {
-        for n in [EVENTS_TOTAL, DB_POOL_SIZE, JOB_SECONDS, LAG_SECONDS, CURSOR_SEQ] {
+        for n in [
+            EVENTS_TOTAL,
+            DB_POOL_SIZE,
+            JOB_SECONDS,
+            LAG_SECONDS,
+            CURSOR_SEQ,
+        ] {
             assert!(n.starts_with("atproto_ingest_"), "{n}");
         }
     }

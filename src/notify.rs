@@ -40,7 +40,10 @@ pub async fn run_watchdog(cancel: CancellationToken) {
     let Some(every) = watchdog_interval() else {
         return;
     };
-    tracing::debug!(interval_ms = every.as_millis() as u64, "systemd watchdog enabled");
+    tracing::debug!(
+        interval_ms = every.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -73,8 +76,11 @@ mod tests {
         stopping();
         assert_eq!(watchdog_interval(), None);
         // Returns at once without a watchdog.
-        tokio::time::timeout(Duration::from_secs(1), run_watchdog(CancellationToken::new()))
-            .await
-            .unwrap_or_else(|_| panic!("run_watchdog should return at once"));
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            run_watchdog(CancellationToken::new()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("run_watchdog should return at once"));
     }
 }

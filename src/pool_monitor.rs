@@ -99,7 +99,10 @@ impl PoolMonitor {
                 samples.pop_front();
             }
             samples.push_back(sample);
-            (average(&samples, SHORT_WINDOW), average(&samples, SAMPLE_HISTORY))
+            (
+                average(&samples, SHORT_WINDOW),
+                average(&samples, SAMPLE_HISTORY),
+            )
         };
         let report = Report {
             sample,
@@ -150,7 +153,13 @@ fn average(samples: &VecDeque<Sample>, window: usize) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    samples.iter().rev().take(n).map(|s| s.utilization).sum::<f64>() / n as f64
+    samples
+        .iter()
+        .rev()
+        .take(n)
+        .map(|s| s.utilization)
+        .sum::<f64>()
+        / n as f64
 }
 
 fn export(r: &Report) {

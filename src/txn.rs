@@ -66,7 +66,9 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Backoff before retry number `retry` (1-based): `base · 2^(retry-1)` ± [`JITTER_FRACTION`].
     pub fn delay(&self, retry: u32) -> Duration {
-        let exp = self.base_delay.saturating_mul(1u32 << retry.saturating_sub(1).min(16));
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
         let jitter = rand::random_range(-JITTER_FRACTION..=JITTER_FRACTION);
         exp.mul_f64(1.0 + jitter)
     }
@@ -170,7 +172,11 @@ where
             }
             Failure::Pool(source) => {
                 let transient = pool_error_is_transient(&source);
-                (transient, "pool".to_owned(), TxError::Pool { attempts, source })
+                (
+                    transient,
+                    "pool".to_owned(),
+                    TxError::Pool { attempts, source },
+                )
             }
             Failure::Body(source) => {
                 let pg = find_pg_error(&source);
@@ -367,7 +373,10 @@ mod tests {
         for (retry, ms) in [(1, 100.0), (2, 200.0), (3, 400.0)] {
             for _ in 0..50 {
                 let d = p.delay(retry).as_secs_f64() * 1000.0;
-                assert!(d >= ms * 0.8 - 0.001 && d <= ms * 1.2 + 0.001, "{retry}: {d}");
+                assert!(
+                    d >= ms * 0.8 - 0.001 && d <= ms * 1.2 + 0.001,
+                    "{retry}: {d}"
+                );
             }
         }
     }

@@ -15,7 +15,11 @@ async fn deadpool(pg: &PgPool, size: usize) -> deadpool_postgres::Pool {
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
-    let name = pg.connect_options().get_database().unwrap_or("postgres").to_owned();
+    let name = pg
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_owned();
     let mut cfg = DbConfig::new(format!("{root}/{name}"));
     cfg.pool_size = size;
     db::connect(&cfg).await.unwrap()
@@ -61,7 +65,10 @@ async fn health_readiness_and_metrics(pg: PgPool) {
     health.set_cursor(42);
     let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("\"role\":\"leader\"") && body.contains("\"db\":\"ok\""), "{body}");
+    assert!(
+        body.contains("\"role\":\"leader\"") && body.contains("\"db\":\"ok\""),
+        "{body}"
+    );
     assert!(body.contains("\"cursor\":42"), "{body}");
 
     health.set_role(Role::Standby);
@@ -80,7 +87,10 @@ async fn health_readiness_and_metrics(pg: PgPool) {
         body.contains("atproto_ingest_reconnects_total{reason=\"http_test\"} 3"),
         "{body}"
     );
-    assert!(body.contains("# HELP atproto_ingest_reconnects_total"), "{body}");
+    assert!(
+        body.contains("# HELP atproto_ingest_reconnects_total"),
+        "{body}"
+    );
     assert_eq!(get(addr, "/nope").await.0, 404);
 
     cancel.cancel();

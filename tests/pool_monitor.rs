@@ -15,7 +15,11 @@ async fn deadpool(pg: &PgPool, size: usize) -> deadpool_postgres::Pool {
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
-    let name = pg.connect_options().get_database().unwrap_or("postgres").to_owned();
+    let name = pg
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_owned();
     let mut cfg = DbConfig::new(format!("{root}/{name}"));
     cfg.pool_size = size;
     db::connect(&cfg).await.unwrap()
@@ -60,7 +64,10 @@ async fn warns_at_80_and_is_critical_with_waiters(pg: PgPool) {
     }
     let (r, log) = sample_logged(&mon);
     assert_eq!(r.severity, Severity::Warning);
-    assert_eq!((r.sample.in_use, r.sample.max_size, r.sample.waiting), (8, 10, 0));
+    assert_eq!(
+        (r.sample.in_use, r.sample.max_size, r.sample.waiting),
+        (8, 10, 0)
+    );
     assert!((r.sample.utilization - 0.8).abs() < 1e-9);
     assert!(log.contains("WARN"), "{log}");
     assert!(
@@ -71,7 +78,10 @@ async fn warns_at_80_and_is_critical_with_waiters(pg: PgPool) {
     let text = handle.render();
     assert!(text.contains("atproto_ingest_db_pool_in_use 8"), "{text}");
     assert!(text.contains("atproto_ingest_db_pool_max 10"), "{text}");
-    assert!(text.contains("atproto_ingest_db_pool_utilization_ratio 0.8"), "{text}");
+    assert!(
+        text.contains("atproto_ingest_db_pool_utilization_ratio 0.8"),
+        "{text}"
+    );
 
     for _ in 0..2 {
         held.push(pool.get().await.unwrap());
@@ -90,7 +100,10 @@ async fn warns_at_80_and_is_critical_with_waiters(pg: PgPool) {
     }
     let (r, log) = sample_logged(&mon);
     assert_eq!(r.severity, Severity::Critical);
-    assert_eq!((r.sample.in_use, r.sample.idle, r.sample.waiting), (10, 0, 3));
+    assert_eq!(
+        (r.sample.in_use, r.sample.idle, r.sample.waiting),
+        (10, 0, 3)
+    );
     assert!(log.contains("ERROR"), "{log}");
     assert!(
         log.contains("pool utilization CRITICAL: 10/10 connections in use (100.0%), 3 tasks waiting for a connection; avg 5 samples 90%"),
@@ -132,7 +145,10 @@ async fn keeps_the_last_100_samples_and_runs_on_an_interval(pg: PgPool) {
     cancel.cancel();
     task.await.unwrap();
     let last = mon.samples().last().copied().unwrap();
-    assert_eq!(last.in_use, 1, "the loop sampled while a connection was held");
+    assert_eq!(
+        last.in_use, 1,
+        "the loop sampled while a connection was held"
+    );
     assert!(mon.average_utilization(3) > 0.0);
     drop(held);
     pool.close();

@@ -17,7 +17,11 @@ async fn deadpool(pg: &PgPool, size: usize) -> deadpool_postgres::Pool {
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
-    let name = pg.connect_options().get_database().unwrap_or("postgres").to_owned();
+    let name = pg
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_owned();
     let mut cfg = DbConfig::new(format!("{root}/{name}"));
     cfg.pool_size = size;
     db::connect(&cfg).await.unwrap()
@@ -73,14 +77,16 @@ async fn transfer(
         async |tx| {
             attempts += 1;
             // Detect the deadlock after 100 ms instead of the default 1 s.
-            tx.batch_execute("SET LOCAL deadlock_timeout = '100ms'").await?;
+            tx.batch_execute("SET LOCAL deadlock_timeout = '100ms'")
+                .await?;
             let upd = "UPDATE acct SET v = v + $2 WHERE id = $1";
             tx.execute(upd, &[&first, &amount]).await?;
             if attempts == 1 {
                 barrier.wait().await;
             }
             tx.execute(upd, &[&second, &amount]).await?;
-            tx.execute("INSERT INTO applied VALUES ($1)", &[&who]).await?;
+            tx.execute("INSERT INTO applied VALUES ($1)", &[&who])
+                .await?;
             Ok::<_, PgError>(())
         },
     )
@@ -123,21 +129,24 @@ async fn real_serialization_failure_is_retried_and_commits_once(pg: PgPool) {
     let mut a_attempts = 0u32;
     let a = run_tx(&pool, &policy, &cancel, async |tx| {
         a_attempts += 1;
-        tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
+        tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await?;
         tx.query_one("SELECT v FROM acct WHERE id = 1", &[]).await?;
         if a_attempts == 1 {
             a_has_snapshot.notify_one();
             b_committed.notified().await;
         }
         // Row 1 changed after our snapshot: 40001 on the first attempt.
-        tx.execute("UPDATE acct SET v = v + 1 WHERE id = 1", &[]).await?;
+        tx.execute("UPDATE acct SET v = v + 1 WHERE id = 1", &[])
+            .await?;
         tx.execute("INSERT INTO applied VALUES ('a')", &[]).await?;
         Ok::<_, PgError>(())
     });
     let b = async {
         a_has_snapshot.notified().await;
         let r = run_tx(&pool, &policy, &cancel, async |tx| {
-            tx.execute("UPDATE acct SET v = v + 10 WHERE id = 1", &[]).await?;
+            tx.execute("UPDATE acct SET v = v + 10 WHERE id = 1", &[])
+                .await?;
             tx.execute("INSERT INTO applied VALUES ('b')", &[]).await?;
             Ok::<_, PgError>(())
         })
@@ -167,11 +176,20 @@ async fn statement_timeout_is_retried_then_fails_clearly(pg: PgPool) {
     })
     .await
     .unwrap_err();
-    assert!(started.elapsed() < Duration::from_millis(900), "each attempt was cut at 50 ms");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "each attempt was cut at 50 ms"
+    );
     assert_eq!(runs, 3);
     assert_eq!(err.attempts(), 3);
     assert_eq!(err.sqlstate(), Some("57014"));
-    assert!(matches!(err, TxError::RetriesExhausted { reason: "statement_timeout", .. }));
+    assert!(matches!(
+        err,
+        TxError::RetriesExhausted {
+            reason: "statement_timeout",
+            ..
+        }
+    ));
     let msg = err.to_string();
     assert!(msg.contains("57014") && msg.contains("3 attempts"), "{msg}");
     pool.close();
@@ -213,9 +231,16 @@ async fn transaction_timeout_cancels_the_query(pg: PgPool) {
     })
     .await
     .unwrap_err();
-    assert!(matches!(err, TxError::TimedOut { attempts: 2, .. }), "{err}");
+    assert!(
+        matches!(err, TxError::TimedOut { attempts: 2, .. }),
+        "{err}"
+    );
     assert_eq!(runs, 2);
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // The server stopped running the sleeps (cancelled, not merely abandoned).
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -255,7 +280,8 @@ async fn lost_connection_is_retried_on_a_new_one(pg: PgPool) {
     run_tx(&pool, &fast(3), &CancellationToken::new(), async |tx| {
         runs += 1;
         if runs == 1 {
-            tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[]).await?;
+            tx.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+                .await?;
         }
         tx.execute("INSERT INTO applied VALUES ('c')", &[]).await?;
         Ok::<_, PgError>(())
