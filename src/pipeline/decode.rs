@@ -28,6 +28,7 @@ fn log_once(reason: &'static str, err: &FrameError) {
 }
 
 pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
+    let started = std::time::Instant::now();
     let mut out = DecodedChunk {
         events: Vec::with_capacity(frames.len()),
         ..DecodedChunk::default()
@@ -74,5 +75,6 @@ pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
             }
         }
     }
+    out.counts.decode_micros = started.elapsed().as_micros() as u64;
     out
 }

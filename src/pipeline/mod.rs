@@ -312,6 +312,10 @@ async fn write_stage(
         if let Some(seq) = batch.last_seq {
             metrics::gauge!("atproto_ingest_cursor_seq").set(seq as f64);
         }
+        stats.write_micros.fetch_add(
+            started.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         stats.add_batch(batch.events.len(), &applied, batch.last_seq);
     }
     Ok(())

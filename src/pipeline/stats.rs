@@ -17,6 +17,7 @@ pub struct ChunkCounts {
     pub ops: BTreeMap<(&'static str, String), u64>,
     pub skipped: BTreeMap<&'static str, u64>,
     pub non_canonical: u64,
+    pub decode_micros: u64,
 }
 
 #[derive(Debug, Default)]
@@ -28,6 +29,7 @@ struct Tables {
     unavailable: BTreeMap<&'static str, u64>,
     inserted: BTreeMap<&'static str, u64>,
     deleted: BTreeMap<&'static str, u64>,
+    statement_micros: BTreeMap<&'static str, u64>,
 }
 
 /// Shared by the stages of one run.
@@ -43,6 +45,10 @@ pub struct Stats {
     pub ops_superseded: AtomicU64,
     /// Last seq committed with the cursor (-1 before the first batch).
     pub cursor: AtomicI64,
+    /// Time spent decoding (summed over decode threads) and in batch transactions, in µs:
+    /// where the time goes.
+    pub decode_micros: AtomicU64,
+    pub write_micros: AtomicU64,
     tables: Mutex<Tables>,
 }
 
@@ -58,6 +64,8 @@ impl Default for Stats {
             commits_already_applied: AtomicU64::new(0),
             ops_superseded: AtomicU64::new(0),
             cursor: AtomicI64::new(-1),
+            decode_micros: AtomicU64::new(0),
+            write_micros: AtomicU64::new(0),
             tables: Mutex::new(Tables::default()),
         }
     }
@@ -79,6 +87,8 @@ impl Stats {
         self.frames.fetch_add(c.frames, Ordering::Relaxed);
         self.non_canonical
             .fetch_add(c.non_canonical, Ordering::Relaxed);
+        self.decode_micros
+            .fetch_add(c.decode_micros, Ordering::Relaxed);
         let mut t = self.tables();
         add(&mut t.events, &c.events);
         add(&mut t.ops, &c.ops);
@@ -108,6 +118,7 @@ impl Stats {
         }
         add(&mut t.inserted, &applied.inserted);
         add(&mut t.deleted, &applied.deleted);
+        add(&mut t.statement_micros, &applied.statement_micros);
     }
 
     pub fn elapsed(&self) -> std::time::Duration {
@@ -160,6 +171,12 @@ impl Stats {
             self.commits_already_applied.load(Ordering::Relaxed),
             self.ops_superseded.load(Ordering::Relaxed),
             self.non_canonical.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "time in decode (all threads): {:.2}s, in batch transactions: {:.2}s",
+            self.decode_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            self.write_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
         let line = |s: &mut String, title: &str, items: Vec<String>| {
             let body = if items.is_empty() {
@@ -216,6 +233,14 @@ impl Stats {
             &mut s,
             "rows inserted by table",
             t.inserted.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        line(
+            &mut s,
+            "time in statements (ms)",
+            t.statement_micros
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v / 1000))
+                .collect(),
         );
         line(
             &mut s,

@@ -72,6 +72,14 @@ pub struct Applied {
     pub stats: PlanStats,
     pub inserted: BTreeMap<&'static str, u64>,
     pub deleted: BTreeMap<&'static str, u64>,
+    /// Time spent per table / statement group, in µs (where the database time goes).
+    pub statement_micros: BTreeMap<&'static str, u64>,
+}
+
+impl Applied {
+    fn timed(&mut self, what: &'static str, since: std::time::Instant) {
+        *self.statement_micros.entry(what).or_default() += since.elapsed().as_micros() as u64;
+    }
 }
 
 /// Applies `batch` inside `tx` (the caller commits, retries and times it).
@@ -81,6 +89,7 @@ pub async fn apply(
     cursor: &CursorKey,
 ) -> Result<Applied, WriteError> {
     let dids = plan::dids_of(&batch.events);
+    let t0 = std::time::Instant::now();
     let state = if dids.is_empty() {
         HashMap::new()
     } else {
@@ -108,19 +117,24 @@ pub async fn apply(
         }
         state
     };
-    let plan = plan::build(&batch.events, state);
     let mut applied = Applied::default();
+    applied.timed("actors_read", t0);
+    let plan = plan::build(&batch.events, state);
     let mut derived = Derived::default();
     for did in &plan.purges {
         purge(tx, did, &mut derived, &mut applied).await?;
     }
     // Actor status first: notifications to accounts deleted in this batch are not created.
+    let t0 = std::time::Instant::now();
     write_actors(tx, &plan).await?;
+    applied.timed("actors_write", t0);
     write_changes(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();
     write_derived(tx, &derived, &mut applied).await?;
     if let Some(seq) = batch.last_seq {
+        let t0 = std::time::Instant::now();
         write_cursor(tx, cursor, seq).await?;
+        applied.timed("cursor", t0);
     }
     applied.stats = plan.stats;
     Ok(applied)
@@ -224,6 +238,7 @@ async fn write_changes(
     let now = Utc::now();
     for table in Table::ALL {
         let name = table.name();
+        let t0 = std::time::Instant::now();
         let range = plan
             .changes
             .range((table, String::new())..)
@@ -281,6 +296,7 @@ async fn write_changes(
                 }
             }
         }
+        applied.timed(name, t0);
     }
     Ok(())
 }
@@ -290,6 +306,7 @@ async fn write_derived(
     d: &Derived,
     applied: &mut Applied,
 ) -> Result<(), WriteError> {
+    let t0 = std::time::Instant::now();
     if !d.removed_uris.is_empty() {
         let n = exec(
             tx,
@@ -306,6 +323,8 @@ async fn write_derived(
         .await?;
         count(&mut applied.deleted, "feed_items", n as usize);
     }
+    applied.timed("derived_deletes", t0);
+    let t0 = std::time::Instant::now();
     if !d.notifications.is_empty() {
         let n = &d.notifications;
         let record: Vec<&str> = n.iter().map(|x| x.record_uri.as_str()).collect();
@@ -327,6 +346,8 @@ async fn write_derived(
         .await?;
         count(&mut applied.inserted, "notifications", rows as usize);
     }
+    applied.timed("notifications", t0);
+    let t0 = std::time::Instant::now();
     if !d.feed_items.is_empty() {
         let f = &d.feed_items;
         let uri: Vec<&str> = f.iter().map(|x| x.uri.as_str()).collect();
@@ -344,6 +365,8 @@ async fn write_derived(
         .await?;
         count(&mut applied.inserted, "feed_items", rows as usize);
     }
+    applied.timed("feed_items", t0);
+    let t0 = std::time::Instant::now();
     if !d.post_aggs.is_empty() {
         let keys: Vec<&str> = d.post_aggs.keys().map(String::as_str).collect();
         let col = |i: usize| -> Vec<i64> { d.post_aggs.values().map(|v| v[i]).collect() };
@@ -360,6 +383,8 @@ async fn write_derived(
         )
         .await?;
     }
+    applied.timed("post_aggregates", t0);
+    let t0 = std::time::Instant::now();
     if !d.profile_aggs.is_empty() {
         let keys: Vec<&str> = d.profile_aggs.keys().map(String::as_str).collect();
         let col = |i: usize| -> Vec<i64> { d.profile_aggs.values().map(|v| v[i]).collect() };
@@ -375,6 +400,7 @@ async fn write_derived(
         )
         .await?;
     }
+    applied.timed("profile_aggregates", t0);
     Ok(())
 }
 
