@@ -3,5 +3,9 @@
 //!
 //! Modules, in pipeline order:
 //! - [`firehose`]: fixture files, frame decoding, CAR blocks, typed records.
+//! - [`pending`]: bounded LRU pending-op maps for ops of users not created yet.
+//! - [`identity`]: DID/handle resolution with caches; user creation under a semaphore.
 
 pub mod firehose;
+pub mod identity;
+pub mod pending;
