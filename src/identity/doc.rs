@@ -158,9 +158,9 @@ mod tests {
     #[test]
     fn optional_parts_may_be_missing_or_wrong() {
         let body = format!(
-            r#"{{"id":"{DID}","alsoKnownAs":["https://x"],
+            r##"{{"id":"{DID}","alsoKnownAs":["https://x"],
             "service":[{{"id":"#atproto_pds","type":"Other","serviceEndpoint":"https://a"}},
-                       {{"id":"#atproto_pds","type":"AtprotoPersonalDataServer","serviceEndpoint":"ftp://b"}}]}}"#
+                       {{"id":"#atproto_pds","type":"AtprotoPersonalDataServer","serviceEndpoint":"ftp://b"}}]}}"##
         );
         let d = DidDocument::parse(DID, body.as_bytes()).expect("parses");
         assert_eq!((d.handle, d.pds_endpoint, d.signing_key), (None, None, None));
