@@ -319,7 +319,10 @@ mod tests {
         assert_eq!(m.min_pending_seq(), Some(10));
         m.push("did:b", 13, 0);
         // Evicts a (least recently used): its seqs go.
-        assert!(matches!(m.push("did:c", 14, 0), PushOutcome::Evicted { .. }));
+        assert!(matches!(
+            m.push("did:c", 14, 0),
+            PushOutcome::Evicted { .. }
+        ));
         assert_eq!(m.min_pending_seq(), Some(12));
         m.take("did:b");
         assert_eq!(m.min_pending_seq(), Some(14));

@@ -188,7 +188,10 @@ async fn extracts_identity_and_flags_handles_that_do_not_point_back() {
 
     let mallory = resolver.resolve("did:plc:mallory").await.unwrap();
     assert_eq!(mallory.handle.as_deref(), Some("bob.example.com"), "kept");
-    assert!(!mallory.handle_valid, "bob.example.com points to did:plc:bob");
+    assert!(
+        !mallory.handle_valid,
+        "bob.example.com points to did:plc:bob"
+    );
     assert!(resolver.resolve("did:plc:bob").await.unwrap().handle_valid);
 
     let carol = resolver.resolve("did:plc:carol").await.unwrap();
@@ -228,8 +231,14 @@ async fn bad_documents_and_failures_are_errors_then_stubs() {
         kind(resolver.resolve("did:plc:garbage").await),
         Some("malformed")
     );
-    assert_eq!(kind(resolver.resolve("did:plc:list").await), Some("malformed"));
-    assert_eq!(kind(resolver.resolve("did:plc:huge").await), Some("malformed"));
+    assert_eq!(
+        kind(resolver.resolve("did:plc:list").await),
+        Some("malformed")
+    );
+    assert_eq!(
+        kind(resolver.resolve("did:plc:huge").await),
+        Some("malformed")
+    );
     assert_eq!(
         kind(resolver.resolve("did:plc:broken").await),
         Some("http_status")
@@ -238,7 +247,10 @@ async fn bad_documents_and_failures_are_errors_then_stubs() {
         kind(resolver.resolve("did:plc:missing").await),
         Some("not_found")
     );
-    assert_eq!(kind(resolver.resolve("not-a-did").await), Some("invalid_did"));
+    assert_eq!(
+        kind(resolver.resolve("not-a-did").await),
+        Some("invalid_did")
+    );
     assert_eq!(
         kind(resolver.resolve("did:key:z6Mkabc").await),
         Some("invalid_did")
@@ -296,7 +308,10 @@ async fn a_slow_did_never_stalls_the_others() {
     .await;
     for (creation, elapsed) in &fast {
         assert!(!creation.is_stub(), "{creation:?}");
-        assert!(elapsed < &Duration::from_millis(450), "fast DID took {elapsed:?}");
+        assert!(
+            elapsed < &Duration::from_millis(450),
+            "fast DID took {elapsed:?}"
+        );
     }
     let (creation, elapsed) = slow_task.await.unwrap();
     match creation {
@@ -308,7 +323,10 @@ async fn a_slow_did_never_stalls_the_others() {
         } => assert_eq!(retry, server.config().retry_base),
         other => panic!("expected a timed-out stub, got {other:?}"),
     }
-    assert!(elapsed < Duration::from_millis(1500), "slow DID took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "slow DID took {elapsed:?}"
+    );
 }
 
 #[tokio::test]
@@ -331,9 +349,16 @@ async fn concurrency_never_exceeds_the_permits() {
     }))
     .await;
     assert!(results.iter().all(|c| !c.is_stub()));
-    assert_eq!(server.total_requests(), 60, "one document and one handle each");
+    assert_eq!(
+        server.total_requests(),
+        60,
+        "one document and one handle each"
+    );
     let max = server.shared.max_in_flight.load(Ordering::SeqCst);
-    assert_eq!(max, PERMITS, "observed max in flight must reach, never pass, the permits");
+    assert_eq!(
+        max, PERMITS,
+        "observed max in flight must reach, never pass, the permits"
+    );
     assert_eq!(creator.available_permits(), PERMITS);
 }
 

@@ -39,7 +39,11 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
         };
         let len = cache.len();
         drop(cache);
-        let counter = if found.is_some() { CACHE_HITS } else { CACHE_MISSES };
+        let counter = if found.is_some() {
+            CACHE_HITS
+        } else {
+            CACHE_MISSES
+        };
         metrics::counter!(counter, "cache" => self.label).increment(1);
         metrics::gauge!(CACHE_ENTRIES, "cache" => self.label).set(len as f64);
         found

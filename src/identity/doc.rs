@@ -147,7 +147,13 @@ mod tests {
             DidDocument::parse(DID, doc("did:plc:other").as_bytes()),
             Err(IdentityError::IdMismatch { .. })
         ));
-        for bad in [&b"not json"[..], b"[]", b"{}", br#"{"id":5}"#, br#"{"id":"x","service":7}"#] {
+        for bad in [
+            &b"not json"[..],
+            b"[]",
+            b"{}",
+            br#"{"id":5}"#,
+            br#"{"id":"x","service":7}"#,
+        ] {
             assert!(matches!(
                 DidDocument::parse(DID, bad),
                 Err(IdentityError::Malformed { .. })
@@ -163,6 +169,9 @@ mod tests {
                        {{"id":"#atproto_pds","type":"AtprotoPersonalDataServer","serviceEndpoint":"ftp://b"}}]}}"##
         );
         let d = DidDocument::parse(DID, body.as_bytes()).expect("parses");
-        assert_eq!((d.handle, d.pds_endpoint, d.signing_key), (None, None, None));
+        assert_eq!(
+            (d.handle, d.pds_endpoint, d.signing_key),
+            (None, None, None)
+        );
     }
 }

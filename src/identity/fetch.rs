@@ -51,7 +51,10 @@ pub(crate) async fn get_bounded(
 
 /// The URL of `did`'s document: PLC directory for `did:plc`, the host's `did.json` for
 /// `did:web` (host-level only, `%3A` decoded as a port separator).
-pub(crate) fn did_document_url(config: &IdentityConfig, did: &str) -> Result<String, IdentityError> {
+pub(crate) fn did_document_url(
+    config: &IdentityConfig,
+    did: &str,
+) -> Result<String, IdentityError> {
     if !is_did(did) {
         return Err(IdentityError::InvalidDid(did.to_owned()));
     }
@@ -85,7 +88,9 @@ mod tests {
             Some("https://plc.directory/did:plc:abc")
         );
         assert_eq!(
-            did_document_url(&c, "did:web:example.com%3A8080").ok().as_deref(),
+            did_document_url(&c, "did:web:example.com%3A8080")
+                .ok()
+                .as_deref(),
             Some("https://example.com:8080/.well-known/did.json")
         );
         assert!(matches!(
