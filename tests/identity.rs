@@ -423,3 +423,117 @@ async fn closing_the_creator_ends_waiting_creations_as_stubs() {
     ));
     assert_eq!(server.total_requests(), 0);
 }
+
+/// A fresh database with the schema applied, dropped by the caller via `drop_db`.
+async fn fresh_db() -> (tokio_postgres::Client, String) {
+    const ADMIN: &str = "host=127.0.0.1 user=postgres dbname=postgres";
+    let name = format!(
+        "identity_test_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let (admin, conn) = tokio_postgres::connect(ADMIN, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 user=postgres dbname={name}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(include_str!("../migrations/20261121000001_init.sql"))
+        .await
+        .unwrap();
+    (client, name)
+}
+
+async fn drop_db(client: tokio_postgres::Client, name: &str) {
+    drop(client);
+    let (admin, conn) = tokio_postgres::connect(
+        "host=127.0.0.1 user=postgres dbname=postgres",
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn outcomes_are_written_to_actors() {
+    use atproto_ingest::identity::{store_failure, store_resolved, Identity};
+    let (db, name) = fresh_db().await;
+    db.batch_execute("INSERT INTO actors (did) VALUES ('did:plc:alice'), ('did:plc:bob')")
+        .await
+        .unwrap();
+
+    let n = store_failure(&db, "did:plc:bob", 3, Duration::from_secs(240))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let row = db
+        .query_one(
+            "SELECT resolve_failures, \
+             extract(epoch FROM next_resolve_at - now())::float8 AS wait, resolved_at IS NULL \
+             FROM actors WHERE did = 'did:plc:bob'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3);
+    let wait: f64 = row.get(1);
+    assert!(
+        (230.0..=241.0).contains(&wait),
+        "next_resolve_at in {wait} s"
+    );
+    assert!(row.get::<_, bool>(2));
+
+    let identity = Identity {
+        did: "did:plc:bob".into(),
+        handle: Some("bob.example.com".into()),
+        handle_valid: false,
+        pds_endpoint: Some("https://pds.example.com".into()),
+        signing_key: Some("zKey".into()),
+    };
+    assert_eq!(store_resolved(&db, &identity).await.unwrap(), 1);
+    let row = db
+        .query_one(
+            "SELECT handle, handle_valid, pds_endpoint, signing_key, resolve_failures, \
+             next_resolve_at IS NULL, resolved_at IS NOT NULL FROM actors WHERE did = 'did:plc:bob'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("bob.example.com")
+    );
+    assert_eq!(row.get::<_, Option<bool>>(1), Some(false));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("https://pds.example.com")
+    );
+    assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("zKey"));
+    assert_eq!(row.get::<_, i32>(4), 0);
+    assert!(row.get::<_, bool>(5) && row.get::<_, bool>(6));
+
+    let absent = Identity {
+        did: "did:plc:nobody".into(),
+        ..identity
+    };
+    assert_eq!(store_resolved(&db, &absent).await.unwrap(), 0, "no row yet");
+    drop_db(db, &name).await;
+}
