@@ -172,6 +172,7 @@ CREATE TABLE records (
     collection text NOT NULL,
     rkey       text NOT NULL,
     value      jsonb NOT NULL,
+    created_at timestamptz,
     indexed_at timestamptz NOT NULL DEFAULT now()
 );
 

@@ -6,6 +6,11 @@
 //! - [`pending`]: bounded LRU pending-op maps for ops of users not created yet.
 //! - [`identity`]: DID/handle resolution with caches; user creation under a semaphore.
 
+pub mod db;
 pub mod firehose;
 pub mod identity;
 pub mod pending;
+pub mod mapping;
+pub mod pipeline;
+pub mod replay;
+pub mod writer;

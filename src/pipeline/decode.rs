@@ -1,0 +1,78 @@
+//! Decode stage: chunks of raw frames are decoded on blocking threads, several chunks at
+//! once, and handed on in their original order (so per-repo op order is kept).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use crate::firehose::fixture::RawFrame;
+use crate::firehose::frame::{self, FrameError};
+use crate::firehose::{Event, EventKind};
+
+use super::stats::ChunkCounts;
+
+/// A decoded chunk: the good events in order, plus counts.
+#[derive(Debug, Default)]
+pub struct DecodedChunk {
+    pub events: Vec<Event>,
+    pub counts: ChunkCounts,
+}
+
+/// Reasons already logged: each kind of bad frame is logged once, then only counted (§3).
+static LOGGED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+
+fn log_once(reason: &'static str, err: &FrameError) {
+    let mut guard = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.get_or_insert_with(HashSet::new).insert(reason) {
+        tracing::warn!(reason, error = %err, "skipping malformed frame (further frames with this reason are only counted)");
+    }
+}
+
+pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
+    let mut out = DecodedChunk {
+        events: Vec::with_capacity(frames.len()),
+        ..DecodedChunk::default()
+    };
+    for raw in frames {
+        out.counts.frames += 1;
+        let result = match raw {
+            RawFrame::Message(m) => frame::decode(&m),
+            RawFrame::Oversized { len } => Err(FrameError::Oversized(len)),
+        };
+        match result {
+            Ok(d) => {
+                if d.non_canonical {
+                    out.counts.non_canonical += 1;
+                }
+                let ty = d.event.kind.type_name();
+                *out.counts.events.entry(ty).or_default() += 1;
+                metrics::counter!("atproto_ingest_events_total", "type" => ty).increment(1);
+                match &d.event.kind {
+                    EventKind::Commit(c) => {
+                        for op in &c.ops {
+                            *out.counts
+                                .ops
+                                .entry((op.action.as_str(), op.collection.clone()))
+                                .or_default() += 1;
+                        }
+                    }
+                    EventKind::Info { name, message } => {
+                        tracing::warn!(name = %name, message = ?message, "relay sent #info");
+                    }
+                    EventKind::Error { error, message } => {
+                        tracing::warn!(error = %error, message = ?message, "relay sent an error frame");
+                    }
+                    _ => {}
+                }
+                out.events.push(d.event);
+            }
+            Err(e) => {
+                let reason = e.reason();
+                log_once(reason, &e);
+                *out.counts.skipped.entry(reason).or_default() += 1;
+                metrics::counter!("atproto_ingest_frames_malformed_total", "reason" => reason)
+                    .increment(1);
+            }
+        }
+    }
+    out
+}

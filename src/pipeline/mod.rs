@@ -1,0 +1,299 @@
+//! The ingest pipeline (§2): source → decode → batcher → writer, tasks joined by bounded
+//! channels so a slow database slows the reader instead of growing memory. Fixture replay and
+//! the live relay feed the same stages.
+
+mod decode;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::firehose::fixture::{self, FrameReader, RawFrame};
+use crate::writer::{self, Batch, CursorKey};
+pub use decode::DecodedChunk;
+pub use stats::Stats;
+
+/// Ops per batch: §6 measured no gain past 5–10 k rows per batch, and smaller batches keep
+/// transactions short.
+pub const DEFAULT_BATCH_MAX_OPS: usize = 5_000;
+/// A batch older than this is flushed even if small (bounds the lag at low traffic).
+pub const DEFAULT_BATCH_MAX_AGE: Duration = Duration::from_millis(250);
+/// Frames per decode job: large enough to amortise the hop to a blocking thread.
+pub const DECODE_CHUNK_FRAMES: usize = 256;
+/// Decode jobs in flight: one per core of the 2-core target machine.
+pub const DECODE_PARALLELISM: usize = 2;
+/// Raw chunks queued ahead of the decoder (4 × 256 frames × ≤ 5 MiB worst case, ~3 KB typical).
+const RAW_QUEUE_CHUNKS: usize = 4;
+/// Decoded chunks queued ahead of the batcher.
+const DECODED_QUEUE_CHUNKS: usize = 4;
+/// Batches queued ahead of the writer: one being built while one is written.
+const BATCH_QUEUE: usize = 1;
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub batch_max_ops: usize,
+    pub batch_max_age: Duration,
+    pub max_frame_bytes: usize,
+    pub cursor: CursorKey,
+}
+
+impl PipelineConfig {
+    pub fn new(cursor: CursorKey) -> Self {
+        Self {
+            batch_max_ops: DEFAULT_BATCH_MAX_OPS,
+            batch_max_age: DEFAULT_BATCH_MAX_AGE,
+            max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
+            cursor,
+        }
+    }
+}
+
+/// Where frames come from.
+pub enum Input {
+    /// Fixture files, in order.
+    Files(Vec<PathBuf>),
+    /// Live WebSocket messages.
+    Live(mpsc::Receiver<Vec<u8>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("reading {path}: {source}")]
+    Fixture {
+        path: String,
+        #[source]
+        source: fixture::FixtureError,
+    },
+    #[error("writing a batch (cursor not advanced): {0}")]
+    Write(#[from] writer::WriteError),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("a pipeline task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the pipeline until the input ends or `cancel` fires; everything read is written
+/// before it returns (drain), and the cursor covers exactly what was written.
+pub async fn run(
+    pool: Pool,
+    cfg: PipelineConfig,
+    input: Input,
+    cancel: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<(), PipelineError> {
+    let (raw_tx, raw_rx) = mpsc::channel::<Vec<RawFrame>>(RAW_QUEUE_CHUNKS);
+    let (dec_tx, dec_rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
+
+    let source = match input {
+        Input::Files(paths) => {
+            let cancel = cancel.clone();
+            let max = cfg.max_frame_bytes;
+            tokio::task::spawn_blocking(move || read_files(paths, max, raw_tx, cancel))
+        }
+        Input::Live(rx) => tokio::spawn(read_live(rx, raw_tx, cancel.clone())),
+    };
+    let decoder = tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone()));
+    let batcher = tokio::spawn(batch_stage(
+        dec_rx,
+        batch_tx,
+        cfg.batch_max_ops,
+        cfg.batch_max_age,
+    ));
+    let writer = tokio::spawn(write_stage(pool, batch_rx, cfg.cursor.clone(), stats));
+
+    // The writer's result decides: if it fails, upstream stages stop when their channel closes.
+    let write_result = writer
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+    if write_result.is_err() {
+        cancel.cancel();
+    }
+    let source_result = source
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+    decoder
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+    batcher
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+    write_result?;
+    source_result
+}
+
+fn read_files(
+    paths: Vec<PathBuf>,
+    max_frame_bytes: usize,
+    tx: mpsc::Sender<Vec<RawFrame>>,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    for path in paths {
+        let fail = |source| PipelineError::Fixture {
+            path: path.display().to_string(),
+            source,
+        };
+        let reader = fixture::open(&path).map_err(|e| fail(e.into()))?;
+        let mut chunk = Vec::with_capacity(DECODE_CHUNK_FRAMES);
+        for frame in FrameReader::new(reader, max_frame_bytes) {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            match frame {
+                Ok(f) => chunk.push(f),
+                Err(e) => {
+                    // The framing is lost: what was read so far is still written.
+                    tracing::error!(path = %path.display(), error = %e, "fixture file ends badly; stopping this file");
+                    metrics::counter!("atproto_ingest_frames_malformed_total", "reason" => "truncated_file").increment(1);
+                    break;
+                }
+            }
+            if chunk.len() == DECODE_CHUNK_FRAMES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(DECODE_CHUNK_FRAMES));
+                if tx.blocking_send(full).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if !chunk.is_empty() && tx.blocking_send(chunk).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+async fn read_live(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    tx: mpsc::Sender<Vec<RawFrame>>,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    let mut buf = Vec::with_capacity(DECODE_CHUNK_FRAMES);
+    loop {
+        let n = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            n = rx.recv_many(&mut buf, DECODE_CHUNK_FRAMES) => n,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let chunk = buf.drain(..).map(RawFrame::Message).collect();
+        if tx.send(chunk).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn decode_stage(
+    raw_rx: mpsc::Receiver<Vec<RawFrame>>,
+    dec_tx: mpsc::Sender<DecodedChunk>,
+    stats: Arc<Stats>,
+) {
+    let chunks =
+        futures_util::stream::unfold(
+            raw_rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        );
+    let mut decoded = std::pin::pin!(chunks
+        .map(|chunk| tokio::task::spawn_blocking(move || decode::decode_chunk(chunk)))
+        .buffered(DECODE_PARALLELISM));
+    while let Some(res) = decoded.next().await {
+        match res {
+            Ok(chunk) => {
+                stats.add_chunk(&chunk.counts);
+                if dec_tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "decode job failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn batch_stage(
+    mut rx: mpsc::Receiver<DecodedChunk>,
+    tx: mpsc::Sender<Batch>,
+    max_ops: usize,
+    max_age: Duration,
+) {
+    let mut batch = Batch::default();
+    let mut ops = 0usize;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match deadline {
+            Some(d) => tokio::select! {
+                c = rx.recv() => Some(c),
+                _ = tokio::time::sleep_until(d) => None,
+            },
+            None => Some(rx.recv().await),
+        };
+        match next {
+            Some(Some(chunk)) => {
+                for ev in chunk.events {
+                    ops += match &ev.kind {
+                        crate::firehose::EventKind::Commit(c) => c.ops.len().max(1),
+                        _ => 1,
+                    };
+                    batch.push(ev);
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_age);
+                    if ops >= max_ops {
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            return;
+                        }
+                        ops = 0;
+                        deadline = None;
+                    }
+                }
+            }
+            // Input ended: flush what is left.
+            Some(None) => {
+                if !batch.is_empty() {
+                    let _ = tx.send(batch).await;
+                }
+                return;
+            }
+            // Age limit reached.
+            None => {
+                if !batch.is_empty() && tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    return;
+                }
+                ops = 0;
+                deadline = None;
+            }
+        }
+    }
+}
+
+async fn write_stage(
+    pool: Pool,
+    mut rx: mpsc::Receiver<Batch>,
+    cursor: CursorKey,
+    stats: Arc<Stats>,
+) -> Result<(), PipelineError> {
+    while let Some(batch) = rx.recv().await {
+        let started = std::time::Instant::now();
+        let mut client = pool.get().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(writer::WriteError::from)?;
+        let applied = writer::apply(&tx, &batch, &cursor).await?;
+        tx.commit().await.map_err(writer::WriteError::from)?;
+        metrics::histogram!("atproto_ingest_batch_flush_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("atproto_ingest_batch_events").record(batch.events.len() as f64);
+        if let Some(seq) = batch.last_seq {
+            metrics::gauge!("atproto_ingest_cursor_seq").set(seq as f64);
+        }
+        stats.add_batch(batch.events.len(), &applied, batch.last_seq);
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Run-wide counters of the pipeline: what the `replay` summary prints and the progress bar
+//! reads. Prometheus metrics are emitted alongside at the same places.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::writer::plan::PlanStats;
+use crate::writer::Applied;
+
+/// Counts of one decoded chunk, merged into [`Stats`] at once (one lock per chunk).
+#[derive(Debug, Default)]
+pub struct ChunkCounts {
+    pub frames: u64,
+    pub events: BTreeMap<&'static str, u64>,
+    pub ops: BTreeMap<(&'static str, String), u64>,
+    pub skipped: BTreeMap<&'static str, u64>,
+    pub non_canonical: u64,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    events: BTreeMap<&'static str, u64>,
+    ops: BTreeMap<(&'static str, String), u64>,
+    skipped: BTreeMap<&'static str, u64>,
+    invalid: BTreeMap<(String, &'static str), u64>,
+    unavailable: BTreeMap<&'static str, u64>,
+    inserted: BTreeMap<&'static str, u64>,
+    deleted: BTreeMap<&'static str, u64>,
+}
+
+/// Shared by the stages of one run.
+#[derive(Debug)]
+pub struct Stats {
+    started: Instant,
+    pub frames: AtomicU64,
+    pub events_written: AtomicU64,
+    pub batches: AtomicU64,
+    pub non_canonical: AtomicU64,
+    pub commits_applied: AtomicU64,
+    pub commits_already_applied: AtomicU64,
+    pub ops_superseded: AtomicU64,
+    /// Last seq committed with the cursor (-1 before the first batch).
+    pub cursor: AtomicI64,
+    tables: Mutex<Tables>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            frames: AtomicU64::new(0),
+            events_written: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            non_canonical: AtomicU64::new(0),
+            commits_applied: AtomicU64::new(0),
+            commits_already_applied: AtomicU64::new(0),
+            ops_superseded: AtomicU64::new(0),
+            cursor: AtomicI64::new(-1),
+            tables: Mutex::new(Tables::default()),
+        }
+    }
+}
+
+fn add<K: Ord + Clone>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+impl Stats {
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A poisoned lock only means another thread panicked mid-update of counters.
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add_chunk(&self, c: &ChunkCounts) {
+        self.frames.fetch_add(c.frames, Ordering::Relaxed);
+        self.non_canonical
+            .fetch_add(c.non_canonical, Ordering::Relaxed);
+        let mut t = self.tables();
+        add(&mut t.events, &c.events);
+        add(&mut t.ops, &c.ops);
+        add(&mut t.skipped, &c.skipped);
+    }
+
+    pub fn add_batch(&self, events: usize, applied: &Applied, cursor: Option<i64>) {
+        self.events_written
+            .fetch_add(events as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let s: &PlanStats = &applied.stats;
+        self.commits_applied
+            .fetch_add(s.commits_applied, Ordering::Relaxed);
+        self.commits_already_applied
+            .fetch_add(s.commits_already_applied, Ordering::Relaxed);
+        self.ops_superseded
+            .fetch_add(s.ops_superseded, Ordering::Relaxed);
+        if let Some(seq) = cursor {
+            self.cursor.store(seq, Ordering::Relaxed);
+        }
+        let mut t = self.tables();
+        for ((coll, kind), n) in &s.invalid {
+            *t.invalid.entry((coll.clone(), kind)).or_default() += n;
+        }
+        for (k, n) in &s.unavailable {
+            *t.unavailable.entry(k).or_default() += n;
+        }
+        add(&mut t.inserted, &applied.inserted);
+        add(&mut t.deleted, &applied.deleted);
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Frames skipped for `reason`.
+    pub fn skipped(&self, reason: &str) -> u64 {
+        self.tables().skipped.get(reason).copied().unwrap_or(0)
+    }
+
+    pub fn skipped_total(&self) -> u64 {
+        self.tables().skipped.values().sum()
+    }
+
+    /// Records rejected by their lexicon, all collections.
+    pub fn invalid_total(&self) -> u64 {
+        self.tables().invalid.values().sum()
+    }
+
+    /// Ops that could not be read, by reason.
+    pub fn unavailable(&self, reason: &str) -> u64 {
+        self.tables().unavailable.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Rows inserted plus rows deleted, all tables.
+    pub fn rows_written(&self) -> u64 {
+        let t = self.tables();
+        t.inserted.values().sum::<u64>() + t.deleted.values().sum::<u64>()
+    }
+
+    /// The closing summary, one item per line.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let t = self.tables();
+        let secs = self.elapsed().as_secs_f64();
+        let events = self.events_written.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "frames read: {}, events written: {events} in {} batches, elapsed {secs:.2}s ({:.0} events/s)",
+            self.frames.load(Ordering::Relaxed),
+            self.batches.load(Ordering::Relaxed),
+            events as f64 / secs.max(1e-9)
+        );
+        let _ = writeln!(
+            s,
+            "commits applied: {}, already applied (skipped): {}, superseded ops: {}, non-canonical frames accepted: {}",
+            self.commits_applied.load(Ordering::Relaxed),
+            self.commits_already_applied.load(Ordering::Relaxed),
+            self.ops_superseded.load(Ordering::Relaxed),
+            self.non_canonical.load(Ordering::Relaxed)
+        );
+        let line = |s: &mut String, title: &str, items: Vec<String>| {
+            let body = if items.is_empty() {
+                "none".to_owned()
+            } else {
+                items.join(", ")
+            };
+            let _ = writeln!(s, "{title}: {body}");
+        };
+        line(
+            &mut s,
+            "events by type",
+            t.events.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        let mut by_coll: BTreeMap<&str, u64> = BTreeMap::new();
+        for ((_, c), n) in &t.ops {
+            *by_coll.entry(c).or_default() += n;
+        }
+        line(
+            &mut s,
+            "ops by collection",
+            by_coll.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        line(
+            &mut s,
+            "ops by action and collection",
+            t.ops
+                .iter()
+                .map(|((a, c), v)| format!("{a} {c}={v}"))
+                .collect(),
+        );
+        line(
+            &mut s,
+            "frames skipped by reason",
+            t.skipped.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        line(
+            &mut s,
+            "ops unreadable by reason",
+            t.unavailable
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        );
+        line(
+            &mut s,
+            "invalid records (not stored)",
+            t.invalid
+                .iter()
+                .map(|((c, k), v)| format!("{c} {k}={v}"))
+                .collect(),
+        );
+        line(
+            &mut s,
+            "rows inserted by table",
+            t.inserted.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        line(
+            &mut s,
+            "rows deleted by table",
+            t.deleted.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        s
+    }
+}
