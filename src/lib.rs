@@ -9,8 +9,8 @@
 pub mod db;
 pub mod firehose;
 pub mod identity;
-pub mod pending;
 pub mod mapping;
+pub mod pending;
 pub mod pipeline;
 pub mod replay;
 pub mod writer;

@@ -63,6 +63,16 @@ pub struct UserCreator {
     config: Arc<IdentityConfig>,
 }
 
+impl std::fmt::Debug for UserCreator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserCreator")
+            .field("enabled", &self.resolver.is_some())
+            .field("concurrency", &self.config.concurrency)
+            .field("available_permits", &self.permits.available_permits())
+            .finish()
+    }
+}
+
 impl UserCreator {
     /// A creator for `config`. With `resolve_identities` off, no client or resolver is built.
     pub fn new(config: IdentityConfig) -> Result<Self, IdentityError> {
@@ -82,6 +92,16 @@ impl UserCreator {
     /// [`Resolver::invalidate`] on `#identity` events.
     pub fn resolver(&self) -> Option<&Arc<Resolver>> {
         self.resolver.as_ref()
+    }
+
+    /// Whether identities are resolved (off: every creation is a [`StubReason::Disabled`] stub).
+    pub fn is_enabled(&self) -> bool {
+        self.resolver.is_some()
+    }
+
+    /// Semaphore permits in total: the most resolutions at once.
+    pub fn concurrency(&self) -> usize {
+        self.config.concurrency.max(1)
     }
 
     /// Permits free right now.

@@ -4,6 +4,7 @@
 
 mod decode;
 pub mod stats;
+pub mod users;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::firehose::fixture::{self, FrameReader, RawFrame};
 use crate::writer::{self, Batch, CursorKey};
 pub use decode::DecodedChunk;
 pub use stats::Stats;
+pub use users::{UsersArgs, UsersConfig};
 
 /// Ops per batch: §6 measured no gain past 5–10 k rows per batch, and smaller batches keep
 /// transactions short.
@@ -41,6 +43,8 @@ pub struct PipelineConfig {
     pub batch_max_age: Duration,
     pub max_frame_bytes: usize,
     pub cursor: CursorKey,
+    /// Users stage: pending-op maps and identity resolution (off by default).
+    pub users: UsersConfig,
 }
 
 impl PipelineConfig {
@@ -50,6 +54,7 @@ impl PipelineConfig {
             batch_max_age: DEFAULT_BATCH_MAX_AGE,
             max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
             cursor,
+            users: UsersConfig::default(),
         }
     }
 }
@@ -74,6 +79,8 @@ pub enum PipelineError {
     Write(#[from] writer::WriteError),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("users stage: {0}")]
+    Users(#[from] users::UsersError),
     #[error("a pipeline task failed: {0}")]
     Task(String),
 }
@@ -87,6 +94,7 @@ pub async fn run(
     cancel: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), PipelineError> {
+    let creator = cfg.users.creator()?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<RawFrame>>(RAW_QUEUE_CHUNKS);
     let (dec_tx, dec_rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
@@ -100,8 +108,17 @@ pub async fn run(
         Input::Live(rx) => tokio::spawn(read_live(rx, raw_tx, cancel.clone())),
     };
     let decoder = tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone()));
-    let batcher = tokio::spawn(batch_stage(
+    let (users_rx, users) = users::spawn(
         dec_rx,
+        DECODED_QUEUE_CHUNKS,
+        pool.clone(),
+        creator,
+        &cfg.users,
+        cancel.clone(),
+        stats.clone(),
+    )?;
+    let batcher = tokio::spawn(batch_stage(
+        users_rx,
         batch_tx,
         cfg.batch_max_ops,
         cfg.batch_max_age,
@@ -119,6 +136,9 @@ pub async fn run(
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?;
     decoder
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+    users
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?;
     batcher
@@ -237,7 +257,8 @@ async fn batch_stage(
         };
         match next {
             Some(Some(chunk)) => {
-                for ev in chunk.events {
+                let mut events = chunk.events.into_iter();
+                while let Some(ev) = events.next() {
                     ops += match &ev.kind {
                         crate::firehose::EventKind::Commit(c) => c.ops.len().max(1),
                         _ => 1,
@@ -245,6 +266,8 @@ async fn batch_stage(
                     batch.push(ev);
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_age);
                     if ops >= max_ops {
+                        batch.watermark =
+                            users::watermark_before(chunk.watermark, events.as_slice());
                         if tx.send(std::mem::take(&mut batch)).await.is_err() {
                             return;
                         }
@@ -252,6 +275,7 @@ async fn batch_stage(
                         deadline = None;
                     }
                 }
+                batch.watermark = chunk.watermark.or(batch.watermark);
             }
             // Input ended: flush what is left.
             Some(None) => {
@@ -290,10 +314,10 @@ async fn write_stage(
         metrics::histogram!("atproto_ingest_batch_flush_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("atproto_ingest_batch_events").record(batch.events.len() as f64);
-        if let Some(seq) = batch.last_seq {
+        if let Some(seq) = batch.cursor() {
             metrics::gauge!("atproto_ingest_cursor_seq").set(seq as f64);
         }
-        stats.add_batch(batch.events.len(), &applied, batch.last_seq);
+        stats.add_batch(batch.events.len(), &applied, batch.cursor());
     }
     Ok(())
 }

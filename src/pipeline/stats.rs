@@ -43,6 +43,8 @@ pub struct Stats {
     pub ops_superseded: AtomicU64,
     /// Last seq committed with the cursor (-1 before the first batch).
     pub cursor: AtomicI64,
+    /// Counters of the users stage (pending-op maps, user creation).
+    pub users: super::users::UsersStats,
     tables: Mutex<Tables>,
 }
 
@@ -58,6 +60,7 @@ impl Default for Stats {
             commits_already_applied: AtomicU64::new(0),
             ops_superseded: AtomicU64::new(0),
             cursor: AtomicI64::new(-1),
+            users: Default::default(),
             tables: Mutex::new(Tables::default()),
         }
     }
