@@ -65,6 +65,8 @@ const MAX_REFRESHES: usize = 1_000;
 pub const METRIC_KNOWN_DIDS: &str = "atproto_ingest_users_known_dids";
 /// Gauge: user creations and refreshes in flight (spawned tasks).
 pub const METRIC_IN_FLIGHT: &str = "atproto_ingest_users_tasks_in_flight";
+/// Gauge `{queue}`: items waiting in the stage's own queues (`done`, `schedule`).
+pub const METRIC_QUEUE_DEPTH: &str = "atproto_ingest_users_queue_depth";
 /// Gauge: low watermark of the users stage (the cursor batches may write).
 pub const METRIC_WATERMARK: &str = "atproto_ingest_users_watermark_seq";
 /// Counter `{result}`: users created (`resolved`, `stub`, `known`, `error`).
@@ -601,30 +603,39 @@ impl Stage {
         if refresh {
             self.refreshes += 1;
         }
-        self.in_flight.insert(
-            did,
-            Flight {
-                generation,
-                abort: task.abort_handle(),
-                refresh,
-            },
-        );
+        let flight = Flight {
+            generation,
+            abort: task.abort_handle(),
+            refresh,
+        };
+        // A refresh still running for a DID that must now be created is superseded.
+        if let Some(old) = self.in_flight.insert(did, flight) {
+            old.abort.abort();
+            if old.refresh {
+                self.refreshes = self.refreshes.saturating_sub(1);
+            }
+        }
         metrics::gauge!(METRIC_IN_FLIGHT).set(self.in_flight.len() as f64);
     }
 
     /// A creation finished: the DID is known and its events go on, in order.
     fn finish(&mut self, done: Done) {
-        match self.in_flight.get(&done.did) {
-            Some(f) if f.generation == done.generation => {
-                if f.refresh {
-                    self.refreshes = self.refreshes.saturating_sub(1);
-                }
-                self.in_flight.remove(&done.did);
-            }
+        let refresh = match self.in_flight.get(&done.did) {
+            Some(f) if f.generation == done.generation => f.refresh,
             // Cancelled after it finished (evicted meanwhile): already released.
             _ => return,
-        }
+        };
+        self.in_flight.remove(&done.did);
         metrics::gauge!(METRIC_IN_FLIGHT).set(self.in_flight.len() as f64);
+        if refresh {
+            // A known actor's `#identity` refresh: nothing was held for it.
+            self.refreshes = self.refreshes.saturating_sub(1);
+            tracing::debug!(did = %done.did, outcome = ?done.outcome, "identity refreshed");
+            if matches!(done.outcome, Outcome::DbError) {
+                self.to_schedule.push(done.did);
+            }
+            return;
+        }
         let users = &self.stats.users;
         let label = match done.outcome {
             Outcome::Known => {
@@ -682,6 +693,8 @@ impl Stage {
 
     /// Sends what is ready downstream with the watermark; false when downstream is gone.
     async fn flush(&mut self, tx: &mpsc::Sender<DecodedChunk>) -> bool {
+        metrics::gauge!(METRIC_QUEUE_DEPTH, "queue" => "done").set(depth(&self.done_tx));
+        metrics::gauge!(METRIC_QUEUE_DEPTH, "queue" => "schedule").set(depth(&self.sched_tx));
         for did in self.to_schedule.drain(..) {
             if self.sched_tx.send(did).await.is_err() {
                 tracing::error!("stub scheduling task is gone");
@@ -703,6 +716,11 @@ impl Stage {
         };
         tx.send(chunk).await.is_ok()
     }
+}
+
+/// Items waiting in a bounded channel, for its gauge.
+fn depth<T>(s: &mpsc::Sender<T>) -> f64 {
+    s.max_capacity().saturating_sub(s.capacity()) as f64
 }
 
 const LOOKUP_ACTOR: &str = "SELECT resolved_at IS NOT NULL, next_resolve_at IS NOT NULL, \
