@@ -2,14 +2,17 @@
 //! indexes it into PostgreSQL for an App View.
 //!
 //! ```text
-//! relay WebSocket ──frames──▶ decode ──events──▶ batcher ──▶ writer (one Postgres tx per batch,
-//!  (or fixture file)         (CBOR+CAR,          (size or      rows + derived tables + cursor)
-//!                             CID checks)          age)
+//! relay WebSocket ──frames──▶ decode ──events──▶ users ──▶ batcher ──▶ writer
+//!  (or fixture file)         (CBOR+CAR,        (pending-op   (size or   (one Postgres tx per batch:
+//!                             CID checks)        maps, user    age)       rows, derived tables,
+//!                                                creation)                cursor)
 //! ```
 //!
 //! Modules, in pipeline order:
 //! - [`firehose`]: fixture files, the live relay client, frame decoding, CAR blocks, typed records.
 //! - [`pipeline`]: the stages and bounded channels between them; run statistics.
+//! - [`pending`]: bounded LRU pending-op maps for ops of users not created yet.
+//! - [`identity`]: DID/handle resolution with caches; user creation under a semaphore.
 //! - [`mapping`]: record → row, pure functions.
 //! - [`writer`]: batch planning (collapse, idempotency) and bulk SQL in one transaction.
 //! - [`db`]: the PostgreSQL pool, migrations, database creation; [`txn`]: retrying,
@@ -28,11 +31,13 @@
 pub mod db;
 pub mod firehose;
 pub mod http;
+pub mod identity;
 pub mod jobs;
 pub mod leader;
 pub mod mapping;
 pub mod metrics;
 pub mod notify;
+pub mod pending;
 pub mod pipeline;
 pub mod pool_monitor;
 pub mod record;

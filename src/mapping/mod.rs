@@ -109,6 +109,8 @@ pub struct Meta {
 }
 
 /// One record as the row(s) of its table.
+// Posts dominate both size and count; boxing them would add an allocation per post for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Row {
     Post(PostRow),

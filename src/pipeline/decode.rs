@@ -15,6 +15,9 @@ use super::stats::ChunkCounts;
 pub struct DecodedChunk {
     pub events: Vec<Event>,
     pub counts: ChunkCounts,
+    /// Low watermark set by the users stage (§4): every event with seq ≤ it has been
+    /// forwarded. `None` when the stage is off (the batch's last seq is the cursor).
+    pub watermark: Option<i64>,
 }
 
 /// Reasons already logged: each kind of bad frame is logged once, then only counted (§3).

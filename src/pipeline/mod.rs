@@ -4,6 +4,7 @@
 
 mod decode;
 pub mod stats;
+pub mod users;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::txn::{self, RetryPolicy, TxError};
 use crate::writer::{self, Batch, CursorKey, WriteError};
 pub use decode::DecodedChunk;
 pub use stats::Stats;
+pub use users::{UsersArgs, UsersConfig};
 
 /// Ops per batch: §6 measured no gain past 5–10 k rows per batch, and smaller batches keep
 /// transactions short.
@@ -44,6 +46,8 @@ pub struct PipelineConfig {
     pub cursor: CursorKey,
     /// Retries and time limit of each batch's transaction (§6).
     pub retry: RetryPolicy,
+    /// Users stage: pending-op maps and identity resolution (off by default).
+    pub users: UsersConfig,
 }
 
 impl PipelineConfig {
@@ -54,6 +58,7 @@ impl PipelineConfig {
             max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
             cursor,
             retry: RetryPolicy::default(),
+            users: UsersConfig::default(),
         }
     }
 }
@@ -76,6 +81,8 @@ pub enum PipelineError {
     },
     #[error("writing a batch failed; the cursor was not advanced: {0}")]
     Write(#[from] TxError<WriteError>),
+    #[error("users stage: {0}")]
+    Users(#[from] users::UsersError),
     #[error("a pipeline task failed: {0}")]
     Task(String),
 }
@@ -89,6 +96,7 @@ pub async fn run(
     cancel: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), PipelineError> {
+    let creator = cfg.users.creator()?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<RawFrame>>(RAW_QUEUE_CHUNKS);
     let (dec_tx, dec_rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
@@ -102,8 +110,17 @@ pub async fn run(
         Input::Live(rx) => tokio::spawn(read_live(rx, raw_tx, cancel.clone())),
     };
     let decoder = tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone()));
-    let batcher = tokio::spawn(batch_stage(
+    let (users_rx, users) = users::spawn(
         dec_rx,
+        DECODED_QUEUE_CHUNKS,
+        pool.clone(),
+        creator,
+        &cfg.users,
+        cancel.clone(),
+        stats.clone(),
+    )?;
+    let batcher = tokio::spawn(batch_stage(
+        users_rx,
         batch_tx,
         cfg.batch_max_ops,
         cfg.batch_max_age,
@@ -134,6 +151,9 @@ pub async fn run(
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?;
     decoder
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))?;
+    users
         .await
         .map_err(|e| PipelineError::Task(e.to_string()))?;
     batcher
@@ -252,7 +272,8 @@ async fn batch_stage(
         };
         match next {
             Some(Some(chunk)) => {
-                for ev in chunk.events {
+                let mut events = chunk.events.into_iter();
+                while let Some(ev) = events.next() {
                     ops += match &ev.kind {
                         crate::firehose::EventKind::Commit(c) => c.ops.len().max(1),
                         _ => 1,
@@ -260,6 +281,8 @@ async fn batch_stage(
                     batch.push(ev);
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_age);
                     if ops >= max_ops {
+                        batch.watermark =
+                            users::watermark_before(chunk.watermark, events.as_slice());
                         if tx.send(std::mem::take(&mut batch)).await.is_err() {
                             return;
                         }
@@ -267,6 +290,7 @@ async fn batch_stage(
                         deadline = None;
                     }
                 }
+                batch.watermark = chunk.watermark.or(batch.watermark);
             }
             // Input ended: flush what is left.
             Some(None) => {
@@ -309,14 +333,14 @@ async fn write_stage(
         metrics::histogram!("atproto_ingest_batch_flush_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("atproto_ingest_batch_events").record(batch.events.len() as f64);
-        if let Some(seq) = batch.last_seq {
+        if let Some(seq) = batch.cursor() {
             metrics::gauge!("atproto_ingest_cursor_seq").set(seq as f64);
         }
         stats.write_micros.fetch_add(
             started.elapsed().as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        stats.add_batch(batch.events.len(), &applied, batch.last_seq);
+        stats.add_batch(batch.events.len(), &applied, batch.cursor());
     }
     Ok(())
 }

@@ -49,6 +49,8 @@ pub struct Stats {
     /// where the time goes.
     pub decode_micros: AtomicU64,
     pub write_micros: AtomicU64,
+    /// Counters of the users stage (pending-op maps, user creation).
+    pub users: super::users::UsersStats,
     tables: Mutex<Tables>,
 }
 
@@ -66,6 +68,7 @@ impl Default for Stats {
             cursor: AtomicI64::new(-1),
             decode_micros: AtomicU64::new(0),
             write_micros: AtomicU64::new(0),
+            users: Default::default(),
             tables: Mutex::new(Tables::default()),
         }
     }

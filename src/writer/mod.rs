@@ -31,6 +31,9 @@ pub struct Batch {
     pub events: Vec<Event>,
     /// Highest seq among the events (the cursor after this batch), if any carries one.
     pub last_seq: Option<i64>,
+    /// Low watermark from the users stage (§4): when set, the cursor written instead of
+    /// `last_seq`, so it never passes an event still held in a pending-op map.
+    pub watermark: Option<i64>,
 }
 
 impl Batch {
@@ -39,6 +42,11 @@ impl Batch {
             self.last_seq = Some(self.last_seq.map_or(ev.seq, |s| s.max(ev.seq)));
         }
         self.events.push(ev);
+    }
+
+    /// The cursor this batch writes: the watermark if the users stage set one, else `last_seq`.
+    pub fn cursor(&self) -> Option<i64> {
+        self.watermark.or(self.last_seq)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -131,7 +139,7 @@ pub async fn apply(
     write_changes(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();
     write_derived(tx, &derived, &mut applied).await?;
-    if let Some(seq) = batch.last_seq {
+    if let Some(seq) = batch.cursor() {
         let t0 = std::time::Instant::now();
         write_cursor(tx, cursor, seq).await?;
         applied.timed("cursor", t0);

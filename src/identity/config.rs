@@ -1,0 +1,114 @@
+//! Identity resolution settings, each with its default.
+
+use std::time::Duration;
+
+/// PLC directory of the public network.
+pub const DEFAULT_PLC_URL: &str = "https://plc.directory";
+/// Where a `did:web` document lives; `{host}` is the DID's host.
+pub const DEFAULT_DID_WEB_URL_TEMPLATE: &str = "https://{host}/.well-known/did.json";
+/// Where a handle's HTTPS proof lives; `{handle}` is the handle.
+pub const DEFAULT_HANDLE_HTTP_URL_TEMPLATE: &str = "https://{handle}/.well-known/atproto-did";
+/// Concurrent resolutions: enough to keep up with new users, few enough not to hammer PLC.
+pub const DEFAULT_CONCURRENCY: usize = 10;
+/// Per-resolution timeout: a slow PDS must not hold a permit for long.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// DID documents change rarely, and `#identity` events invalidate them.
+pub const DEFAULT_DOC_TTL: Duration = Duration::from_secs(3600);
+/// ~100k documents of a few hundred bytes: tens of MiB at most.
+pub const DEFAULT_DOC_CACHE_SIZE: usize = 100_000;
+/// Verified handle → DID mappings, same lifetime as documents.
+pub const DEFAULT_HANDLE_TTL: Duration = Duration::from_secs(3600);
+/// Handles that did not resolve are retried sooner than verified ones expire.
+pub const DEFAULT_HANDLE_NEGATIVE_TTL: Duration = Duration::from_secs(300);
+/// Same order as the document cache (one handle per DID).
+pub const DEFAULT_HANDLE_CACHE_SIZE: usize = 100_000;
+/// First retry of a failed resolution.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(60);
+/// Retries never wait longer than a day.
+pub const DEFAULT_RETRY_CAP: Duration = Duration::from_secs(24 * 3600);
+/// DID documents are small; anything larger is not one.
+pub const MAX_DOC_BYTES: usize = 64 * 1024;
+/// An `atproto-did` body is one DID.
+pub const MAX_HANDLE_BODY_BYTES: usize = 2 * 1024;
+
+/// How identities are resolved. `Default` gives the production settings.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Off: users are created at once as stubs, without any network (offline replay).
+    pub resolve_identities: bool,
+    /// PLC directory base URL (default [`DEFAULT_PLC_URL`]); `did:plc` resolves at `{plc_url}/{did}`.
+    pub plc_url: String,
+    /// URL of a `did:web` document, `{host}` replaced (default [`DEFAULT_DID_WEB_URL_TEMPLATE`]).
+    pub did_web_url_template: String,
+    /// URL of a handle's `atproto-did`, `{handle}` replaced
+    /// (default [`DEFAULT_HANDLE_HTTP_URL_TEMPLATE`]).
+    pub handle_http_url_template: String,
+    /// Look handles up by DNS TXT `_atproto.<handle>` before HTTPS (default on).
+    pub dns_txt: bool,
+    /// Concurrent resolutions (semaphore permits, default [`DEFAULT_CONCURRENCY`]).
+    pub concurrency: usize,
+    /// Timeout of one resolution (default [`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
+    /// DID document cache lifetime (default [`DEFAULT_DOC_TTL`]).
+    pub doc_ttl: Duration,
+    /// DID document cache bound (default [`DEFAULT_DOC_CACHE_SIZE`]).
+    pub doc_cache_size: usize,
+    /// Handle → DID cache lifetime (default [`DEFAULT_HANDLE_TTL`]).
+    pub handle_ttl: Duration,
+    /// Lifetime of a cached "handle does not resolve" (default [`DEFAULT_HANDLE_NEGATIVE_TTL`]).
+    pub handle_negative_ttl: Duration,
+    /// Handle → DID cache bound (default [`DEFAULT_HANDLE_CACHE_SIZE`]).
+    pub handle_cache_size: usize,
+    /// First retry delay after a failure (default [`DEFAULT_RETRY_BASE`]), doubling.
+    pub retry_base: Duration,
+    /// Longest retry delay (default [`DEFAULT_RETRY_CAP`]).
+    pub retry_cap: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            resolve_identities: true,
+            plc_url: DEFAULT_PLC_URL.to_owned(),
+            did_web_url_template: DEFAULT_DID_WEB_URL_TEMPLATE.to_owned(),
+            handle_http_url_template: DEFAULT_HANDLE_HTTP_URL_TEMPLATE.to_owned(),
+            dns_txt: true,
+            concurrency: DEFAULT_CONCURRENCY,
+            timeout: DEFAULT_TIMEOUT,
+            doc_ttl: DEFAULT_DOC_TTL,
+            doc_cache_size: DEFAULT_DOC_CACHE_SIZE,
+            handle_ttl: DEFAULT_HANDLE_TTL,
+            handle_negative_ttl: DEFAULT_HANDLE_NEGATIVE_TTL,
+            handle_cache_size: DEFAULT_HANDLE_CACHE_SIZE,
+            retry_base: DEFAULT_RETRY_BASE,
+            retry_cap: DEFAULT_RETRY_CAP,
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// Delay before retry number `failures` (1 = first failure): base · 2^(failures-1), capped.
+    pub fn retry_delay(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(31);
+        self.retry_base
+            .checked_mul(1u32 << exp)
+            .unwrap_or(self.retry_cap)
+            .min(self.retry_cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_caps() {
+        let c = IdentityConfig::default();
+        assert_eq!(c.retry_delay(0), DEFAULT_RETRY_BASE);
+        assert_eq!(c.retry_delay(1), DEFAULT_RETRY_BASE);
+        assert_eq!(c.retry_delay(2), DEFAULT_RETRY_BASE * 2);
+        assert_eq!(c.retry_delay(5), DEFAULT_RETRY_BASE * 16);
+        assert_eq!(c.retry_delay(12), DEFAULT_RETRY_CAP);
+        assert_eq!(c.retry_delay(u32::MAX), DEFAULT_RETRY_CAP);
+    }
+}
