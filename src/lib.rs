@@ -18,6 +18,7 @@
 //! - [`leader`]: Redis lease, renewal, fencing token.
 //! - [`testrelay`]: an in-process relay serving fixture frames, for tests and development.
 
+pub mod app;
 pub mod db;
 pub mod firehose;
 pub mod leader;
@@ -25,5 +26,6 @@ pub mod mapping;
 pub mod pipeline;
 pub mod record;
 pub mod replay;
+pub mod signals;
 pub mod testrelay;
 pub mod writer;

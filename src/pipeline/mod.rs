@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::firehose::fixture::{self, FrameReader, RawFrame};
 use crate::writer::{self, Batch, CursorKey};
@@ -41,6 +42,8 @@ pub struct PipelineConfig {
     pub batch_max_age: Duration,
     pub max_frame_bytes: usize,
     pub cursor: CursorKey,
+    /// Receives the durable cursor after every committed batch (the live client resumes from it).
+    pub durable: Option<watch::Sender<Option<i64>>>,
 }
 
 impl PipelineConfig {
@@ -50,6 +53,7 @@ impl PipelineConfig {
             batch_max_age: DEFAULT_BATCH_MAX_AGE,
             max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
             cursor,
+            durable: None,
         }
     }
 }
@@ -80,6 +84,9 @@ pub enum PipelineError {
 
 /// Runs the pipeline until the input ends or `cancel` fires; everything read is written
 /// before it returns (drain), and the cursor covers exactly what was written.
+///
+/// Dropping the returned future aborts every stage at once (no drain): a leader that lost its
+/// lease stops writing this way. An aborted transaction rolls back.
 pub async fn run(
     pool: Pool,
     cfg: PipelineConfig,
@@ -95,18 +102,28 @@ pub async fn run(
         Input::Files(paths) => {
             let cancel = cancel.clone();
             let max = cfg.max_frame_bytes;
-            tokio::task::spawn_blocking(move || read_files(paths, max, raw_tx, cancel))
+            AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
+                read_files(paths, max, raw_tx, cancel)
+            }))
         }
-        Input::Live(rx) => tokio::spawn(read_live(rx, raw_tx, cancel.clone())),
+        Input::Live(rx) => {
+            AbortOnDropHandle::new(tokio::spawn(read_live(rx, raw_tx, cancel.clone())))
+        }
     };
-    let decoder = tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone()));
-    let batcher = tokio::spawn(batch_stage(
+    let decoder = AbortOnDropHandle::new(tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone())));
+    let batcher = AbortOnDropHandle::new(tokio::spawn(batch_stage(
         dec_rx,
         batch_tx,
         cfg.batch_max_ops,
         cfg.batch_max_age,
-    ));
-    let writer = tokio::spawn(write_stage(pool, batch_rx, cfg.cursor.clone(), stats));
+    )));
+    let writer = AbortOnDropHandle::new(tokio::spawn(write_stage(
+        pool,
+        batch_rx,
+        cfg.cursor.clone(),
+        stats,
+        cfg.durable.clone(),
+    )));
 
     // The writer's result decides: if it fails, upstream stages stop when their channel closes.
     let write_result = writer
@@ -277,6 +294,7 @@ async fn write_stage(
     mut rx: mpsc::Receiver<Batch>,
     cursor: CursorKey,
     stats: Arc<Stats>,
+    durable: Option<watch::Sender<Option<i64>>>,
 ) -> Result<(), PipelineError> {
     while let Some(batch) = rx.recv().await {
         let started = std::time::Instant::now();
@@ -294,6 +312,9 @@ async fn write_stage(
             metrics::gauge!("atproto_ingest_cursor_seq").set(seq as f64);
         }
         stats.add_batch(batch.events.len(), &applied, batch.last_seq);
+        if let (Some(tx), Some(seq)) = (&durable, batch.last_seq) {
+            tx.send_replace(Some(seq));
+        }
     }
     Ok(())
 }
