@@ -17,9 +17,12 @@ use atproto_ingest::writer::CursorKey;
 use tokio_util::sync::CancellationToken;
 
 fn corpus() -> Option<PathBuf> {
-    let src = std::env::var("BENCH_FRAMES").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/firehose/bench.frames.zst")
-    });
+    let src = std::env::var("BENCH_FRAMES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/fixtures/firehose/bench.frames.zst")
+        });
     if !src.exists() {
         eprintln!("bench corpus {} not found; skipping", src.display());
         return None;
@@ -54,7 +57,10 @@ fn main() {
     let Some(path) = corpus() else { return };
     let url = std::env::var("BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/atproto_ingest_bench".into());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async move {
         let db = DbConfig::new(url.clone());
         let name = db.database().expect("database name");

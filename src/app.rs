@@ -34,6 +34,7 @@ use crate::db::{self, DbConfig, DbError};
 use crate::firehose::client::{self, ClientConfig, ClientError};
 use crate::leader::{Elector, LeaderConfig, LeaderError, Leadership};
 use crate::pipeline::{self, Input, PipelineConfig, PipelineError, Stats};
+use crate::txn::TxError;
 use crate::writer::{CursorKey, WriteError};
 
 /// `firehose_cursor.seq` of a row whose fence is claimed but which covers no event yet.
@@ -419,9 +420,10 @@ async fn term(
             term.cancel();
             tasks.abort_all().await;
             match out {
-                Ok(TaskOut::Pipeline(Err(PipelineError::Write(WriteError::Fenced { .. })))) => {
-                    TermEnd::Fenced
-                }
+                Ok(TaskOut::Pipeline(Err(PipelineError::Write(TxError::Permanent {
+                    source: WriteError::Fenced { .. },
+                    ..
+                })))) => TermEnd::Fenced,
                 Ok(TaskOut::Pipeline(Err(e))) => TermEnd::Failed(e.into()),
                 Ok(TaskOut::Client(Err(e))) => TermEnd::Failed(e.into()),
                 Ok(_) if lost.is_cancelled() => TermEnd::Lost,

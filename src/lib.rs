@@ -12,20 +12,33 @@
 //! - [`pipeline`]: the stages and bounded channels between them; run statistics.
 //! - [`mapping`]: record → row, pure functions.
 //! - [`writer`]: batch planning (collapse, idempotency) and bulk SQL in one transaction.
-//! - [`db`]: the PostgreSQL pool, migrations, database creation.
+//! - [`db`]: the PostgreSQL pool, migrations, database creation; [`txn`]: retrying,
+//!   time-limited transactions.
 //! - [`replay`]: fixture files through the pipeline.
 //! - [`record`]: live relay → fixture file.
 //! - [`leader`]: Redis lease, renewal, fencing token.
 //! - [`testrelay`]: an in-process relay serving fixture frames, for tests and development.
+//!
+//! Operations:
+//! - [`pool_monitor`]: pool utilization samples, warnings, gauges.
+//! - [`jobs`]: leader-only cleanup of expired sessions and OAuth states.
+//! - [`metrics`]: metric names and the Prometheus recorder; [`http`]: `/metrics`, `/healthz`,
+//!   `/readyz`; [`notify`]: systemd readiness and watchdog.
 
 pub mod app;
 pub mod db;
 pub mod firehose;
+pub mod http;
+pub mod jobs;
 pub mod leader;
 pub mod mapping;
+pub mod metrics;
+pub mod notify;
 pub mod pipeline;
+pub mod pool_monitor;
 pub mod record;
 pub mod replay;
 pub mod signals;
 pub mod testrelay;
+pub mod txn;
 pub mod writer;

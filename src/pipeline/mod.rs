@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::firehose::fixture::{self, FrameReader, RawFrame};
-use crate::writer::{self, Batch, CursorKey};
+use crate::txn::{self, RetryPolicy, TxError};
+use crate::writer::{self, Batch, CursorKey, WriteError};
 pub use decode::DecodedChunk;
 pub use stats::Stats;
 
@@ -42,6 +43,8 @@ pub struct PipelineConfig {
     pub batch_max_age: Duration,
     pub max_frame_bytes: usize,
     pub cursor: CursorKey,
+    /// Retries and time limit of each batch's transaction (§6).
+    pub retry: RetryPolicy,
     /// Receives the durable cursor after every committed batch (the live client resumes from it).
     pub durable: Option<watch::Sender<Option<i64>>>,
 }
@@ -53,6 +56,7 @@ impl PipelineConfig {
             batch_max_age: DEFAULT_BATCH_MAX_AGE,
             max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
             cursor,
+            retry: RetryPolicy::default(),
             durable: None,
         }
     }
@@ -74,10 +78,8 @@ pub enum PipelineError {
         #[source]
         source: fixture::FixtureError,
     },
-    #[error("writing a batch (cursor not advanced): {0}")]
-    Write(#[from] writer::WriteError),
-    #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("writing a batch failed; the cursor was not advanced: {0}")]
+    Write(#[from] TxError<WriteError>),
     #[error("a pipeline task failed: {0}")]
     Task(String),
 }
@@ -117,13 +119,27 @@ pub async fn run(
         cfg.batch_max_ops,
         cfg.batch_max_age,
     )));
-    let writer = AbortOnDropHandle::new(tokio::spawn(write_stage(
-        pool,
-        batch_rx,
-        cfg.cursor.clone(),
-        stats,
-        cfg.durable.clone(),
-    )));
+    // Cancelled when this future is dropped: the writer (on a blocking thread, which
+    // `AbortOnDropHandle` cannot stop) then abandons its transaction, which rolls back.
+    let abort = CancellationToken::new();
+    let _abort_on_drop = abort.clone().drop_guard();
+    // The writer runs on its own blocking thread, driving its future with `block_on`: the
+    // retrying transaction takes an async closure over a borrowed transaction, and rustc
+    // cannot yet prove such futures `Send` for `tokio::spawn` (higher-ranked lifetime bug).
+    // IO and timers still run on the runtime's workers.
+    let writer = {
+        let (cursor, retry, durable, rt) = (
+            cfg.cursor.clone(),
+            cfg.retry.clone(),
+            cfg.durable.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        tokio::task::spawn_blocking(move || {
+            rt.block_on(write_stage(
+                pool, batch_rx, cursor, retry, stats, durable, abort,
+            ))
+        })
+    };
 
     // The writer's result decides: if it fails, upstream stages stop when their channel closes.
     let write_result = writer
@@ -293,18 +309,22 @@ async fn write_stage(
     pool: Pool,
     mut rx: mpsc::Receiver<Batch>,
     cursor: CursorKey,
+    retry: RetryPolicy,
     stats: Arc<Stats>,
     durable: Option<watch::Sender<Option<i64>>>,
+    // Retries are bounded by the policy; a batch in flight is finished or failed, never
+    // abandoned half-way, unless the pipeline is dropped (lease lost): then it rolls back.
+    abort: CancellationToken,
 ) -> Result<(), PipelineError> {
     while let Some(batch) = rx.recv().await {
         let started = std::time::Instant::now();
-        let mut client = pool.get().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(writer::WriteError::from)?;
-        let applied = writer::apply(&tx, &batch, &cursor).await?;
-        tx.commit().await.map_err(writer::WriteError::from)?;
+        let applied = txn::run_tx(&pool, &retry, &abort, async |tx| -> Result<_, WriteError> {
+            writer::apply(tx, &batch, &cursor).await
+        })
+        .await
+        .inspect_err(|e| {
+            tracing::error!(error = %e, attempts = e.attempts(), "batch failed; stopping without advancing the cursor");
+        })?;
         metrics::histogram!("atproto_ingest_batch_flush_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("atproto_ingest_batch_events").record(batch.events.len() as f64);

@@ -18,7 +18,8 @@ use plan::{ActorState, Change, Plan, PlanStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error(transparent)]
+    // Not `transparent`: the retry logic walks `source()` to find the SQLSTATE.
+    #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     #[error("fenced out: a newer leader (fence > {fence}) has written cursor {service:?}")]
     Fenced { service: String, fence: i64 },
