@@ -415,18 +415,35 @@ async fn term(
             };
             TermEnd::Shutdown { deadline, result }
         }
-        Some(Err((name, out))) => {
-            // The first task to end decides; the others are cancelled.
+        Some(Err((name, mut out))) => {
+            // A task ended on its own. A failing pipeline cancels `term` itself, so the
+            // relay client or the progress reporter may end first: then wait (bounded) for the
+            // pipeline's result, which is what decides.
             term.cancel();
+            if !matches!(out, Ok(TaskOut::Pipeline(_)) | Err(_)) {
+                let wait = tokio::time::timeout(cfg.drain_limit, async {
+                    loop {
+                        match tasks.next().await {
+                            (_, r @ Ok(TaskOut::Pipeline(_))) | (_, r @ Err(_)) => return r,
+                            _ => {}
+                        }
+                    }
+                });
+                tokio::select! {
+                    biased;
+                    _ = lost.cancelled() => {}
+                    r = wait => if let Ok(r) = r { out = r },
+                }
+            }
             tasks.abort_all().await;
             match out {
                 Ok(TaskOut::Pipeline(Err(PipelineError::Write(TxError::Permanent {
                     source: WriteError::Fenced { .. },
                     ..
                 })))) => TermEnd::Fenced,
+                _ if lost.is_cancelled() => TermEnd::Lost,
                 Ok(TaskOut::Pipeline(Err(e))) => TermEnd::Failed(e.into()),
                 Ok(TaskOut::Client(Err(e))) => TermEnd::Failed(e.into()),
-                Ok(_) if lost.is_cancelled() => TermEnd::Lost,
                 Ok(_) if shutdown.is_cancelled() => TermEnd::Shutdown {
                     deadline: Instant::now() + RELEASE_RESERVE,
                     result: Ok(()),
