@@ -5,6 +5,9 @@
 //! Keys (under `key_prefix`):
 //! - `{prefix}leader`: the lease, `SET NX PX ttl` with a random per-acquisition token.
 //! - `{prefix}fence`: an `INCR` counter; its value at acquisition is the [`Leadership::fence`].
+//! - `{prefix}progress`: what the leader last reported (relay seq seen, cursor), for `status`.
+//!
+//! The lease value is `host:pid:random`, so `status` can name the holder.
 //!
 //! The lease and the fence are taken in one Lua script, so fence order equals lease order: a
 //! holder whose lease expired while it was paused can never own a larger fence than the holder
@@ -48,6 +51,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"#;
+/// Raises the fence counter to at least ARGV[1] (never lowers it); returns the new value.
+const FENCE_FLOOR_LUA: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[1])
+if cur < floor then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return floor
+end
+return cur
 "#;
 /// Compare-and-delete: 1 if the lease was ours and is deleted, 0 otherwise.
 const RELEASE_LUA: &str = r#"
@@ -103,12 +116,26 @@ impl LeaderError {
     }
 }
 
+/// What Redis says about the lease, for `status`.
+#[derive(Debug, Clone)]
+pub struct LeaseInfo {
+    /// The lease value (`host:pid:random`), if the lease is held.
+    pub holder: Option<String>,
+    /// Milliseconds until the lease expires, if held.
+    pub ttl_ms: Option<i64>,
+    /// The fence counter (the newest acquisition's fence).
+    pub fence: Option<i64>,
+    /// The leader's last progress report, if fresh.
+    pub progress: Option<String>,
+}
+
 /// Competes for the lease. Cheap to keep around; one per process.
 pub struct Elector {
     cfg: LeaderConfig,
     conn: ConnectionManager,
     lease_key: String,
     fence_key: String,
+    progress_key: String,
 }
 
 impl Elector {
@@ -140,6 +167,7 @@ impl Elector {
         Ok(Self {
             lease_key: format!("{}leader", cfg.key_prefix),
             fence_key: format!("{}fence", cfg.key_prefix),
+            progress_key: format!("{}progress", cfg.key_prefix),
             cfg,
             conn,
         })
@@ -178,7 +206,7 @@ impl Elector {
 
     /// One attempt: takes the lease if it is free.
     pub async fn try_acquire(&self) -> Result<Option<Leadership>, LeaderError> {
-        let token = format!("{:032x}", rand::random::<u128>());
+        let token = format!("{}:{:032x}", holder_id(), rand::random::<u128>());
         let mut conn = self.conn.clone();
         let sent_at = Instant::now();
         let fence: i64 = timed(
@@ -216,6 +244,80 @@ impl Elector {
             task,
         }))
     }
+}
+
+impl Elector {
+    /// The config this elector runs with.
+    pub fn config(&self) -> &LeaderConfig {
+        &self.cfg
+    }
+
+    /// Raises the fence counter to at least `floor`. Needed when Redis lost the counter (restart
+    /// without persistence) while the database still holds a larger fence: without it every new
+    /// leader would be fenced out. Never lowers the counter, so fencing stays monotonic.
+    pub async fn raise_fence_floor(&self, floor: i64) -> Result<i64, LeaderError> {
+        let mut conn = self.conn.clone();
+        timed(
+            REDIS_CALL_TIMEOUT,
+            Script::new(FENCE_FLOOR_LUA)
+                .key(&self.fence_key)
+                .arg(floor)
+                .invoke_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Stores the leader's progress report (JSON) for `status`; it expires after `ttl`.
+    pub async fn publish_progress(&self, json: &str, ttl: Duration) -> Result<(), LeaderError> {
+        let mut conn = self.conn.clone();
+        timed(
+            REDIS_CALL_TIMEOUT,
+            redis::cmd("SET")
+                .arg(&self.progress_key)
+                .arg(json)
+                .arg("PX")
+                .arg(ttl_ms(ttl))
+                .query_async::<()>(&mut conn),
+        )
+        .await
+    }
+
+    /// Reads the lease holder, its remaining TTL, the fence counter and the progress report.
+    pub async fn lease_info(&self) -> Result<LeaseInfo, LeaderError> {
+        let mut conn = self.conn.clone();
+        let (holder, pttl, fence, progress): (Option<String>, i64, Option<i64>, Option<String>) =
+            timed(
+                REDIS_CALL_TIMEOUT,
+                redis::pipe()
+                    .cmd("GET")
+                    .arg(&self.lease_key)
+                    .cmd("PTTL")
+                    .arg(&self.lease_key)
+                    .cmd("GET")
+                    .arg(&self.fence_key)
+                    .cmd("GET")
+                    .arg(&self.progress_key)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(LeaseInfo {
+            holder,
+            ttl_ms: (pttl >= 0).then_some(pttl),
+            fence,
+            progress,
+        })
+    }
+}
+
+/// `host:pid` of this process, the readable part of the lease value.
+fn holder_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{host}:{}", std::process::id())
 }
 
 /// A held lease. Renewal runs in a task owned by this value, stopped on release or drop.

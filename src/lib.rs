@@ -28,6 +28,7 @@
 //! - [`metrics`]: metric names and the Prometheus recorder; [`http`]: `/metrics`, `/healthz`,
 //!   `/readyz`; [`notify`]: systemd readiness and watchdog.
 
+pub mod app;
 pub mod db;
 pub mod firehose;
 pub mod http;
@@ -42,6 +43,7 @@ pub mod pipeline;
 pub mod pool_monitor;
 pub mod record;
 pub mod replay;
+pub mod signals;
 pub mod testrelay;
 pub mod txn;
 pub mod writer;

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::firehose::fixture::{self, FrameReader, RawFrame};
 use crate::txn::{self, RetryPolicy, TxError};
@@ -48,6 +49,8 @@ pub struct PipelineConfig {
     pub retry: RetryPolicy,
     /// Users stage: pending-op maps and identity resolution (off by default).
     pub users: UsersConfig,
+    /// Receives the durable cursor after every committed batch (the live client resumes from it).
+    pub durable: Option<watch::Sender<Option<i64>>>,
 }
 
 impl PipelineConfig {
@@ -59,6 +62,7 @@ impl PipelineConfig {
             cursor,
             retry: RetryPolicy::default(),
             users: UsersConfig::default(),
+            durable: None,
         }
     }
 }
@@ -89,6 +93,9 @@ pub enum PipelineError {
 
 /// Runs the pipeline until the input ends or `cancel` fires; everything read is written
 /// before it returns (drain), and the cursor covers exactly what was written.
+///
+/// Dropping the returned future aborts every stage at once (no drain): a leader that lost its
+/// lease stops writing this way. An aborted transaction rolls back.
 pub async fn run(
     pool: Pool,
     cfg: PipelineConfig,
@@ -105,11 +112,15 @@ pub async fn run(
         Input::Files(paths) => {
             let cancel = cancel.clone();
             let max = cfg.max_frame_bytes;
-            tokio::task::spawn_blocking(move || read_files(paths, max, raw_tx, cancel))
+            AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
+                read_files(paths, max, raw_tx, cancel)
+            }))
         }
-        Input::Live(rx) => tokio::spawn(read_live(rx, raw_tx, cancel.clone())),
+        Input::Live(rx) => {
+            AbortOnDropHandle::new(tokio::spawn(read_live(rx, raw_tx, cancel.clone())))
+        }
     };
-    let decoder = tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone()));
+    let decoder = AbortOnDropHandle::new(tokio::spawn(decode_stage(raw_rx, dec_tx, stats.clone())));
     let (users_rx, users) = users::spawn(
         dec_rx,
         DECODED_QUEUE_CHUNKS,
@@ -119,24 +130,32 @@ pub async fn run(
         cancel.clone(),
         stats.clone(),
     )?;
-    let batcher = tokio::spawn(batch_stage(
+    let users = AbortOnDropHandle::new(users);
+    let batcher = AbortOnDropHandle::new(tokio::spawn(batch_stage(
         users_rx,
         batch_tx,
         cfg.batch_max_ops,
         cfg.batch_max_age,
-    ));
+    )));
+    // Cancelled when this future is dropped: the writer (on a blocking thread, which
+    // `AbortOnDropHandle` cannot stop) then abandons its transaction, which rolls back.
+    let abort = CancellationToken::new();
+    let _abort_on_drop = abort.clone().drop_guard();
     // The writer runs on its own blocking thread, driving its future with `block_on`: the
     // retrying transaction takes an async closure over a borrowed transaction, and rustc
     // cannot yet prove such futures `Send` for `tokio::spawn` (higher-ranked lifetime bug).
     // IO and timers still run on the runtime's workers.
     let writer = {
-        let (cursor, retry, rt) = (
+        let (cursor, retry, durable, rt) = (
             cfg.cursor.clone(),
             cfg.retry.clone(),
+            cfg.durable.clone(),
             tokio::runtime::Handle::current(),
         );
         tokio::task::spawn_blocking(move || {
-            rt.block_on(write_stage(pool, batch_rx, cursor, retry, stats))
+            rt.block_on(write_stage(
+                pool, batch_rx, cursor, retry, stats, durable, abort,
+            ))
         })
     };
 
@@ -317,13 +336,14 @@ async fn write_stage(
     cursor: CursorKey,
     retry: RetryPolicy,
     stats: Arc<Stats>,
-) -> Result<(), PipelineError> {
+    durable: Option<watch::Sender<Option<i64>>>,
     // Retries are bounded by the policy; a batch in flight is finished or failed, never
-    // abandoned half-way, so this token is never cancelled (the caller aborts at its deadline).
-    let never = CancellationToken::new();
+    // abandoned half-way, unless the pipeline is dropped (lease lost): then it rolls back.
+    abort: CancellationToken,
+) -> Result<(), PipelineError> {
     while let Some(batch) = rx.recv().await {
         let started = std::time::Instant::now();
-        let applied = txn::run_tx(&pool, &retry, &never, async |tx| -> Result<_, WriteError> {
+        let applied = txn::run_tx(&pool, &retry, &abort, async |tx| -> Result<_, WriteError> {
             writer::apply(tx, &batch, &cursor).await
         })
         .await
@@ -341,6 +361,9 @@ async fn write_stage(
             std::sync::atomic::Ordering::Relaxed,
         );
         stats.add_batch(batch.events.len(), &applied, batch.cursor());
+        if let (Some(tx), Some(seq)) = (&durable, batch.cursor()) {
+            tx.send_replace(Some(seq));
+        }
     }
     Ok(())
 }
