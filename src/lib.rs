@@ -2,6 +2,12 @@
 //! indexes it into PostgreSQL for an App View.
 //!
 //! Modules, in pipeline order:
+//! - [`cli`]: the command line (clap), one variant per subcommand.
 //! - [`firehose`]: fixture files, frame decoding, CAR blocks, typed records.
+//! - [`inspect`]: `inspect FILE`, frames as JSON lines.
+//! - [`stats`]: tallies of events, ops, invalid records and skipped frames.
 
+pub mod cli;
 pub mod firehose;
+pub mod inspect;
+pub mod stats;
