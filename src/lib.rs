@@ -22,6 +22,10 @@
 //! - [`leader`]: Redis lease, renewal, fencing token.
 //! - [`testrelay`]: an in-process relay serving fixture frames, for tests and development.
 //!
+//! Operating surface:
+//! - [`cli`]: the command line (clap), one variant per subcommand.
+//! - [`inspect`]: `inspect FILE`, frames as JSON lines; [`stats`]: its tallies.
+//!
 //! Operations:
 //! - [`pool_monitor`]: pool utilization samples, warnings, gauges.
 //! - [`jobs`]: leader-only cleanup of expired sessions and OAuth states.
@@ -29,10 +33,12 @@
 //!   `/readyz`; [`notify`]: systemd readiness and watchdog.
 
 pub mod app;
+pub mod cli;
 pub mod db;
 pub mod firehose;
 pub mod http;
 pub mod identity;
+pub mod inspect;
 pub mod jobs;
 pub mod leader;
 pub mod mapping;
@@ -44,6 +50,7 @@ pub mod pool_monitor;
 pub mod record;
 pub mod replay;
 pub mod signals;
+pub mod stats;
 pub mod testrelay;
 pub mod txn;
 pub mod writer;

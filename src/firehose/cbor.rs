@@ -88,6 +88,12 @@ fn skip(buf: &[u8], pos: usize, depth: usize) -> Result<usize, WalkError> {
     Ok(p - pos)
 }
 
+/// `start + len` as an index, or `None` when it overflows (a length from the input can be
+/// as large as `u64::MAX`; plain `+` would panic in debug builds and wrap in release).
+fn span_end(start: usize, len: u64) -> Option<usize> {
+    usize::try_from(len).ok().and_then(|l| start.checked_add(l))
+}
+
 /// What `map_type` found at the top of a record block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopLevel<'a> {
@@ -106,7 +112,7 @@ pub fn map_type(buf: &[u8]) -> Result<TopLevel<'_>, WalkError> {
     let mut p = hlen;
     for _ in 0..arg {
         let (kmaj, klen, khl) = head(buf, p)?;
-        let key_end = p + khl + usize::try_from(klen).map_err(|_| WalkError::Eof)?;
+        let key_end = span_end(p + khl, klen).ok_or(WalkError::Eof)?;
         let key = buf.get(p + khl..key_end).ok_or(WalkError::Eof)?;
         p = key_end;
         if kmaj == 3 && key == b"$type" {
@@ -114,7 +120,7 @@ pub fn map_type(buf: &[u8]) -> Result<TopLevel<'_>, WalkError> {
             if vmaj != 3 {
                 return Ok(TopLevel::Map { type_: None });
             }
-            let end = p + vhl + usize::try_from(vlen).map_err(|_| WalkError::Eof)?;
+            let end = span_end(p + vhl, vlen).ok_or(WalkError::Eof)?;
             let v = buf.get(p + vhl..end).ok_or(WalkError::Eof)?;
             return Ok(TopLevel::Map {
                 type_: std::str::from_utf8(v).ok(),
@@ -138,10 +144,7 @@ pub fn map_keys_canonical(buf: &[u8]) -> bool {
         let Ok((3, klen, khl)) = head(buf, p) else {
             return true;
         };
-        let Some(key) = usize::try_from(klen)
-            .ok()
-            .and_then(|l| buf.get(p + khl..p + khl + l))
-        else {
+        let Some(key) = span_end(p + khl, klen).and_then(|end| buf.get(p + khl..end)) else {
             return true;
         };
         if let Some(prev) = last {
@@ -187,6 +190,20 @@ mod tests {
         );
         let deep = vec![0x81u8; 200];
         assert_eq!(item_len(&deep), Err(WalkError::TooDeep));
+    }
+
+    #[test]
+    fn huge_declared_lengths_are_errors_not_overflows() {
+        // {text(2^64-1): ...}: the key length overflows usize arithmetic.
+        let mut m = vec![0xa1, 0x7b];
+        m.extend_from_slice(&[0xff; 8]);
+        m.push(0x01);
+        assert_eq!(map_type(&m), Err(WalkError::Eof));
+        assert!(map_keys_canonical(&m));
+        // {"$type": text(2^64-1)}
+        let mut t = vec![0xa1, 0x65, b'$', b't', b'y', b'p', b'e', 0x7b];
+        t.extend_from_slice(&[0xff; 8]);
+        assert_eq!(map_type(&t), Err(WalkError::Eof));
     }
 
     #[test]
