@@ -34,6 +34,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod config;
 pub mod db;
 pub mod firehose;
 pub mod http;
@@ -47,6 +48,7 @@ pub mod notify;
 pub mod pending;
 pub mod pipeline;
 pub mod pool_monitor;
+pub mod progress;
 pub mod record;
 pub mod replay;
 pub mod signals;

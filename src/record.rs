@@ -151,3 +151,38 @@ mod tests {
         assert_eq!(peek_seq(b""), None);
     }
 }
+
+/// Options of `record`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecordOptions {
+    /// Relay base URL (`wss://host` or `ws://host:port`).
+    #[arg(long, env = "RELAY_URL", value_name = "URL", default_value = client::DEFAULT_RELAY_URL)]
+    pub relay_url: String,
+    /// Output fixture file (created or truncated).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: PathBuf,
+    /// Start after this seq (default: the relay's live tail).
+    #[arg(long, value_name = "SEQ")]
+    pub cursor: Option<i64>,
+    /// Stop after this many frames.
+    #[arg(long, value_name = "N")]
+    pub max_frames: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub max_seconds: Option<u64>,
+}
+
+impl RecordOptions {
+    pub fn to_args(&self) -> RecordArgs {
+        RecordArgs {
+            client: ClientConfig {
+                relay_url: self.relay_url.clone(),
+                ..ClientConfig::default()
+            },
+            out_path: self.out.clone(),
+            cursor: self.cursor,
+            max_frames: self.max_frames,
+            max_duration: self.max_seconds.map(Duration::from_secs),
+        }
+    }
+}

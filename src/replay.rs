@@ -48,3 +48,50 @@ pub async fn replay(
     pipeline::run(pool, cfg, Input::Files(files), cancel, stats).await?;
     Ok(())
 }
+
+/// Options of `replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayOptions {
+    /// Fixture files (varint-length-prefixed subscribeRepos messages; `.zst` is decompressed),
+    /// replayed in order.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub db: crate::config::DbArgs,
+    #[command(flatten)]
+    pub batch: crate::config::BatchArgs,
+    #[command(flatten)]
+    pub users: crate::pipeline::UsersArgs,
+    /// No progress bar (it is also off when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl ReplayOptions {
+    /// Validated database and pipeline configs.
+    pub fn configs(&self) -> Result<(DbConfig, PipelineConfig), String> {
+        let db = self.db.db_config().map_err(|e| e.to_string())?;
+        let mut cfg = self
+            .batch
+            .pipeline_config(&self.db)
+            .map_err(|e| e.to_string())?;
+        cfg.users = self
+            .users
+            .to_config(crate::pipeline::users::DEFAULT_RESOLVE_IDENTITIES_REPLAY)
+            .map_err(|e| e.to_string())?;
+        Ok((db, cfg))
+    }
+}
+
+/// Options of `migrate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrateOptions {
+    #[command(flatten)]
+    pub db: crate::config::DbArgs,
+}
+
+/// Creates the database if needed and applies migrations.
+pub async fn migrate(db_cfg: &DbConfig) -> Result<(), DbError> {
+    db::ensure_database(db_cfg).await?;
+    db::migrate(db_cfg).await
+}
