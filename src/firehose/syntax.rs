@@ -2,7 +2,7 @@
 //! DID, handle, NSID, record key and datetime rules come from atrium-api's validated string
 //! types; the AT-URI check (restricted syntax of the spec) is written here.
 
-use atrium_api::types::string::{Datetime, Did, Handle, Nsid, RecordKey};
+use atrium_api::types::string::{Datetime, Did, Handle, Nsid, RecordKey, Tid};
 
 /// Longest AT-URI the spec allows.
 const MAX_AT_URI: usize = 8 * 1024;
@@ -21,6 +21,19 @@ pub fn is_nsid(s: &str) -> bool {
 
 pub fn is_record_key(s: &str) -> bool {
     s.parse::<RecordKey>().is_ok()
+}
+
+pub fn is_tid(s: &str) -> bool {
+    s.parse::<Tid>().is_ok()
+}
+
+/// CID string syntax as the atproto spec defines it (8–256 chars of `[a-zA-Z0-9+=]`, no CIDv0
+/// `Qmb…`); whether it decodes to a CID is a separate, stricter question (`cid::Cid::from_str`).
+pub fn is_cid_syntax(s: &str) -> bool {
+    (8..=256).contains(&s.len())
+        && !s.starts_with("Qmb")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'=')
 }
 
 pub fn is_datetime(s: &str) -> bool {
@@ -119,6 +132,26 @@ mod tests {
     #[test]
     fn interop_datetime() {
         check("datetime", is_datetime);
+    }
+    #[test]
+    fn interop_tid() {
+        check("tid", is_tid);
+    }
+    #[test]
+    fn interop_cid() {
+        check("cid", is_cid_syntax);
+        // Every valid base32 CIDv1 in the vectors decodes and prints back identically.
+        for v in vectors("cid_syntax_valid.txt")
+            .iter()
+            .filter(|v| v.starts_with("bafy"))
+        {
+            let cid: cid::Cid = v.parse().unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(&cid.to_string(), v);
+            assert_eq!(
+                cid::Cid::try_from(cid.to_bytes().as_slice()).ok(),
+                Some(cid)
+            );
+        }
     }
     #[test]
     fn interop_at_uri() {
