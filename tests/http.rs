@@ -1,29 +1,17 @@
 //! HTTP surface on 127.0.0.1:0 with raw HTTP/1.1 requests: /healthz, /readyz per role and
 //! database state, /metrics, graceful shutdown.
 
+mod common;
+use common::deadpool;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use atproto_ingest::db::{self, DbConfig};
 use atproto_ingest::http::{serve, Health, HttpState, Role};
 use atproto_ingest::metrics;
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-
-async fn deadpool(pg: &PgPool, size: usize) -> deadpool_postgres::Pool {
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
-    let name = pg
-        .connect_options()
-        .get_database()
-        .unwrap_or("postgres")
-        .to_owned();
-    let mut cfg = DbConfig::new(format!("{root}/{name}"));
-    cfg.pool_size = size;
-    db::connect(&cfg).await.unwrap()
-}
 
 /// `GET path` over a fresh connection: (status, body).
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -105,7 +93,7 @@ async fn health_readiness_and_metrics(pg: PgPool) {
 #[tokio::test]
 async fn readyz_is_503_when_the_database_is_unreachable() {
     // Nothing listens on port 1: the probe fails fast.
-    let cfg = DbConfig::new("postgres://postgres@127.0.0.1:1/nothing");
+    let cfg = atproto_ingest::db::DbConfig::new("postgres://postgres@127.0.0.1:1/nothing");
     let mgr = deadpool_postgres::Manager::new(cfg.pg_config().unwrap(), tokio_postgres::NoTls);
     let pool = deadpool_postgres::Pool::builder(mgr)
         .max_size(1)

@@ -1,29 +1,17 @@
 //! Pool monitor against a real pool of 10: WARNING at 8 in use, CRITICAL with waiters,
 //! gauges, the 100-sample ring buffer and the sampling loop.
 
+mod common;
+use common::deadpool;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use atproto_ingest::db::{self, DbConfig};
 use atproto_ingest::metrics;
 use atproto_ingest::pool_monitor::{PoolMonitor, Report, Severity, SAMPLE_HISTORY};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-
-async fn deadpool(pg: &PgPool, size: usize) -> deadpool_postgres::Pool {
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
-    let name = pg
-        .connect_options()
-        .get_database()
-        .unwrap_or("postgres")
-        .to_owned();
-    let mut cfg = DbConfig::new(format!("{root}/{name}"));
-    cfg.pool_size = size;
-    db::connect(&cfg).await.unwrap()
-}
 
 #[derive(Clone, Default)]
 struct Buf(Arc<Mutex<Vec<u8>>>);

@@ -1,9 +1,11 @@
 //! `run_tx` against the real PostgreSQL: real deadlocks, serialization failures, statement and
 //! transaction timeouts, lost connections, permanent errors, cancellation.
 
+mod common;
+use common::deadpool;
+
 use std::time::{Duration, Instant};
 
-use atproto_ingest::db::{self, DbConfig};
 use atproto_ingest::metrics;
 use atproto_ingest::txn::{run_tx, RetryPolicy, TxError};
 use sqlx::PgPool;
@@ -11,21 +13,6 @@ use tokio::sync::{Barrier, Notify};
 use tokio_util::sync::CancellationToken;
 
 type PgError = tokio_postgres::Error;
-
-/// A deadpool pool on the database `#[sqlx::test]` made for this test.
-async fn deadpool(pg: &PgPool, size: usize) -> deadpool_postgres::Pool {
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
-    let name = pg
-        .connect_options()
-        .get_database()
-        .unwrap_or("postgres")
-        .to_owned();
-    let mut cfg = DbConfig::new(format!("{root}/{name}"));
-    cfg.pool_size = size;
-    db::connect(&cfg).await.unwrap()
-}
 
 async fn setup(pg: &PgPool) {
     sqlx::raw_sql(

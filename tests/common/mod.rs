@@ -14,19 +14,24 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// A DbConfig for the database `#[sqlx::test]` created for this test.
 pub fn db_config(pool: &sqlx::PgPool) -> DbConfig {
-    let opts = pool.connect_options();
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let root = match base.rfind('/') {
-        Some(i) if base[..i].contains("://") && i > base.find("://").unwrap_or(0) + 2 => {
-            base[..i].to_owned()
-        }
-        _ => base,
-    };
-    let db = opts.get_database().unwrap_or("postgres");
+    let root = base.rsplit_once('/').map_or(base.as_str(), |(r, _)| r);
+    let db = pool
+        .connect_options()
+        .get_database()
+        .unwrap_or("postgres")
+        .to_owned();
     let mut cfg = DbConfig::new(format!("{root}/{db}"));
     cfg.pool_size = 4;
     cfg
+}
+
+/// A deadpool pool of `size` connections on the database `#[sqlx::test]` made for this test.
+pub async fn deadpool(pool: &sqlx::PgPool, size: usize) -> deadpool_postgres::Pool {
+    let mut cfg = db_config(pool);
+    cfg.pool_size = size;
+    atproto_ingest::db::connect(&cfg).await.unwrap()
 }
 
 /// What `NAME.truth.json` (+ the ops log's invalid marks) says the database must hold.
