@@ -3,6 +3,7 @@
 pub mod car;
 pub mod cbor;
 pub mod client;
+pub mod datamodel;
 pub mod event;
 pub mod fixture;
 pub mod frame;

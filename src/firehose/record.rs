@@ -105,6 +105,7 @@ pub fn decode(collection: &str, rkey: &str, block: &[u8]) -> Result<Decoded, Rej
         _ => {
             let ipld: Ipld = serde_ipld_dagcbor::from_slice(block)
                 .map_err(|e| Rejection::new("bad_cbor", e.to_string()))?;
+            super::datamodel::check(&ipld).map_err(|e| Rejection::new("data_model", e.0))?;
             return Ok(Decoded::Generic(ipld_to_json(&ipld)));
         }
     };
@@ -395,6 +396,24 @@ mod tests {
             Ok(Decoded::Generic(j)) => assert_eq!(j, v),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn generic_records_outside_the_data_model_are_rejected() {
+        let v = json!({"$type": "com.example.status", "score": 1.5});
+        assert_eq!(
+            decode("com.example.status", "x", &cbor(&v))
+                .unwrap_err()
+                .kind,
+            "data_model"
+        );
+        let v = json!({"$type": "com.example.status", "inner": {"$type": 7}});
+        assert_eq!(
+            decode("com.example.status", "x", &cbor(&v))
+                .unwrap_err()
+                .kind,
+            "data_model"
+        );
     }
 
     /// The interop data-model fixtures: CBOR decodes to the given JSON form and hashes to the CID.
