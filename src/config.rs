@@ -19,7 +19,8 @@ pub struct ConfigError {
     pub value: String,
 }
 
-fn check(
+/// `Err(ConfigError)` naming `flag`/`env` unless `ok`.
+pub(crate) fn check(
     ok: bool,
     flag: &'static str,
     env: &'static str,
