@@ -3,9 +3,11 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::app::RunOptions;
 use crate::inspect::InspectOptions;
 use crate::record::RecordOptions;
 use crate::replay::{MigrateOptions, ReplayOptions};
+use crate::status::StatusOptions;
 
 /// AT Protocol firehose indexer: subscribeRepos → PostgreSQL for an App View.
 #[derive(Debug, Parser)]
@@ -49,6 +51,12 @@ pub enum Command {
     Migrate(MigrateOptions),
     /// Record a live relay's messages to a fixture file (the format `replay` reads).
     Record(RecordOptions),
+    /// The daemon: competes for the Redis leader lease; the leader streams the relay into
+    /// PostgreSQL, a standby waits to take over. Serves /metrics, /healthz, /readyz.
+    /// SIGTERM/SIGINT: drain, commit, release the lease, exit 0 (a second signal exits at once).
+    Run(Box<RunOptions>),
+    /// Print the durable cursors and the leader lease (holder, fence, progress, lag), then exit.
+    Status(StatusOptions),
 }
 
 #[cfg(test)]
@@ -106,5 +114,81 @@ mod tests {
         assert_eq!(o.files.len(), 2);
         assert_eq!(o.batch.batch_max_ops, 10);
         assert!(o.configs().is_ok());
+    }
+
+    #[test]
+    fn parses_run_and_status_flags() {
+        let cli = Cli::try_parse_from([
+            "atproto-ingest",
+            "run",
+            "--relay-url",
+            "ws://127.0.0.1:1",
+            "--leader-ttl-ms",
+            "900",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--resolve-identities=false",
+        ])
+        .unwrap();
+        let Command::Run(o) = cli.command else {
+            panic!("not run")
+        };
+        let cfg = o.to_config().unwrap();
+        assert_eq!(cfg.leader.ttl, std::time::Duration::from_millis(900));
+        assert_eq!(
+            cfg.leader.poll_interval,
+            std::time::Duration::from_millis(300)
+        );
+        assert_eq!(cfg.http_addr.map(|a| a.port()), Some(0));
+        assert!(!cfg.pipeline.users.enabled());
+        let cli = Cli::try_parse_from(["atproto-ingest", "status", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Status(ref s) if s.json));
+    }
+
+    #[test]
+    fn run_rejects_bad_values_naming_flag_and_env() {
+        for (flag, value, env) in [
+            ("--leader-ttl-ms", "10", "LEADER_TTL_MS"),
+            ("--drain-limit-ms", "0", "DRAIN_LIMIT_MS"),
+            ("--http-addr", "localhost", "HTTP_ADDR"),
+            ("--relay-url", "ftp://x", "RELAY_URL"),
+            ("--redis-url", "nope://u:secret@h", "REDIS_URL"),
+            ("--cleanup-batch", "0", "CLEANUP_BATCH"),
+            (
+                "--pool-monitor-interval-ms",
+                "0",
+                "POOL_MONITOR_INTERVAL_MS",
+            ),
+            ("--leader-key-prefix", "", "LEADER_KEY_PREFIX"),
+        ] {
+            let cli = Cli::try_parse_from(["atproto-ingest", "run", flag, value]).unwrap();
+            let Command::Run(o) = cli.command else {
+                panic!("not run")
+            };
+            let e = o.to_config().unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains(env), "{flag}: {e}");
+            assert!(!e.contains("secret"), "password leaked: {e}");
+        }
+    }
+
+    #[test]
+    fn run_debug_redacts_passwords() {
+        let cli = Cli::try_parse_from([
+            "atproto-ingest",
+            "run",
+            "--database-url",
+            "postgres://u:pgsecret@h/db",
+            "--redis-url",
+            "redis://:redissecret@h:6379",
+        ])
+        .unwrap();
+        let Command::Run(o) = cli.command else {
+            panic!("not run")
+        };
+        let dbg = format!("{o:?} {:?}", o.to_config().unwrap());
+        assert!(
+            !dbg.contains("pgsecret") && !dbg.contains("redissecret"),
+            "{dbg}"
+        );
     }
 }

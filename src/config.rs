@@ -19,7 +19,8 @@ pub struct ConfigError {
     pub value: String,
 }
 
-fn check(
+/// `Err(ConfigError)` naming `flag`/`env` unless `ok`.
+pub(crate) fn check(
     ok: bool,
     flag: &'static str,
     env: &'static str,
@@ -53,7 +54,9 @@ pub struct DbArgs {
     /// Longest a task waits for a free connection, in milliseconds.
     #[arg(long, env = "DB_POOL_WAIT_MS", value_name = "MS", default_value_t = db::DEFAULT_POOL_WAIT.as_millis() as u64)]
     pub db_pool_wait_ms: u64,
-    /// Limit on one batch transaction (statements + commit), in milliseconds.
+    /// Limit on one batch transaction (statements + commit), in milliseconds. Also the
+    /// connections' `idle_in_transaction_session_timeout`: a paused process's open transaction
+    /// is ended by the server after this long, so its locks cannot block a new leader.
     #[arg(long, env = "TX_TIMEOUT_MS", value_name = "MS", default_value_t = txn::DEFAULT_TX_TIMEOUT.as_millis() as u64)]
     pub tx_timeout_ms: u64,
     /// Retries of a batch after a deadlock, serialization failure, timeout or lost
@@ -70,6 +73,8 @@ impl DbArgs {
             pool_size: self.db_pool_size,
             statement_timeout: Duration::from_millis(self.statement_timeout_ms),
             pool_wait: Duration::from_millis(self.db_pool_wait_ms),
+            // A transaction idle past its whole limit is abandoned: free its locks.
+            idle_in_transaction_timeout: Duration::from_millis(self.tx_timeout_ms.max(1)),
         };
         check(
             cfg.pg_config().is_ok(),

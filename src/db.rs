@@ -43,6 +43,12 @@ pub struct DbConfig {
     pub pool_size: usize,
     pub statement_timeout: Duration,
     pub pool_wait: Duration,
+    /// `idle_in_transaction_session_timeout` on every connection: the server ends a session
+    /// that sits in an open transaction this long, releasing its row locks. A leader paused
+    /// (SIGSTOP, VM freeze) mid-transaction would otherwise block its successor's writes on
+    /// the same rows until it woke up. Default: the transaction limit
+    /// ([`crate::txn::DEFAULT_TX_TIMEOUT`]); no healthy transaction idles that long.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl std::fmt::Debug for DbConfig {
@@ -52,6 +58,10 @@ impl std::fmt::Debug for DbConfig {
             .field("pool_size", &self.pool_size)
             .field("statement_timeout", &self.statement_timeout)
             .field("pool_wait", &self.pool_wait)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
             .finish()
     }
 }
@@ -63,6 +73,7 @@ impl DbConfig {
             pool_size: DEFAULT_POOL_SIZE,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             pool_wait: DEFAULT_POOL_WAIT,
+            idle_in_transaction_timeout: crate::txn::DEFAULT_TX_TIMEOUT,
         }
     }
 
@@ -73,8 +84,9 @@ impl DbConfig {
             .parse()
             .map_err(|e: tokio_postgres::Error| DbError::BadUrl(e.to_string()))?;
         cfg.options(format!(
-            "-c statement_timeout={}",
-            self.statement_timeout.as_millis()
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            self.statement_timeout.as_millis(),
+            self.idle_in_transaction_timeout.as_millis()
         ));
         cfg.connect_timeout(CONNECT_TIMEOUT);
         cfg.application_name("atproto-ingest");

@@ -25,6 +25,8 @@
 //! Operating surface:
 //! - [`cli`]: the command line (clap), one variant per subcommand.
 //! - [`inspect`]: `inspect FILE`, frames as JSON lines; [`stats`]: its tallies.
+//! - [`app`]: `run`, the daemon (leader election, live pipeline, operations tasks);
+//!   [`signals`]: SIGTERM/SIGINT; [`status`]: cursors and lease for operators.
 //!
 //! Operations:
 //! - [`pool_monitor`]: pool utilization samples, warnings, gauges.
@@ -53,6 +55,7 @@ pub mod record;
 pub mod replay;
 pub mod signals;
 pub mod stats;
+pub mod status;
 pub mod testrelay;
 pub mod txn;
 pub mod writer;

@@ -65,6 +65,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             tracing::info!(frames = n, file = %opts.out.display(), "recorded");
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Run(opts) => runtime()?.block_on(async move {
+            atproto_ingest::app::run_command(&opts).await?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Status(opts) => runtime()?.block_on(async move {
+            atproto_ingest::status::status_command(&opts, &mut io::stdout().lock()).await?;
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Inspect(opts) => {
             let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
             let summary = inspect::inspect_file(&opts, &mut out)

@@ -1,0 +1,230 @@
+//! `status`: what an operator asks first. The durable cursors (`firehose_cursor`: service, seq,
+//! fence, last update and its age) and, from Redis, who holds the leader lease, the fence
+//! counter and the leader's last progress report (relay seq seen, lag). Read-only; prints and
+//! exits 0 when the database answers (Redis being down is reported, not fatal).
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+
+use crate::app::{self, AppError, CursorRow};
+use crate::config::{check, DbArgs};
+use crate::db::{self, redact_url};
+use crate::leader::{self, Elector, LeaderConfig, LeaseInfo};
+
+/// Options of `status`.
+#[derive(Clone, clap::Args)]
+pub struct StatusOptions {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Redis of the leader lease (as given to `run`).
+    #[arg(long, env = "REDIS_URL", value_name = "URL", default_value = leader::DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub redis_url: String,
+    /// Prefix of the leader keys (as given to `run`).
+    #[arg(long, env = "LEADER_KEY_PREFIX", value_name = "PREFIX", default_value = leader::DEFAULT_KEY_PREFIX)]
+    pub leader_key_prefix: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl std::fmt::Debug for StatusOptions {
+    /// URLs with their passwords redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusOptions")
+            .field("database_url", &redact_url(&self.db.database_url))
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("leader_key_prefix", &self.leader_key_prefix)
+            .field("json", &self.json)
+            .finish()
+    }
+}
+
+/// Everything `status` shows.
+#[derive(Debug)]
+pub struct Status {
+    pub cursors: Vec<CursorRow>,
+    /// The lease as Redis sees it, or why Redis could not be asked.
+    pub leader: Result<LeaseInfo, String>,
+    pub now: DateTime<Utc>,
+}
+
+/// Reads the cursors and the lease. Fails only when the database cannot be read.
+pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
+    let db_cfg = opts.db.db_config()?;
+    check(
+        redis::Client::open(opts.redis_url.as_str()).is_ok(),
+        "--redis-url",
+        "REDIS_URL",
+        "is not a Redis URL (redis://[user:password@]host:port[/db])",
+        redact_url(&opts.redis_url),
+    )?;
+    // No pool of DB_POOL_SIZE connections for two queries.
+    let mut small = db_cfg.clone();
+    small.pool_size = 1;
+    let pool = db::connect(&small).await?;
+    let cursors = app::cursors(&pool).await?;
+    let leader = match Elector::connect(LeaderConfig {
+        redis_url: opts.redis_url.clone(),
+        key_prefix: opts.leader_key_prefix.clone(),
+        ..LeaderConfig::default()
+    })
+    .await
+    {
+        Ok(e) => e.lease_info().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    Ok(Status {
+        cursors,
+        leader,
+        now: Utc::now(),
+    })
+}
+
+/// `status` from the command line: collects and prints (text or JSON) on `out`.
+pub async fn status_command(opts: &StatusOptions, out: &mut impl Write) -> Result<(), AppError> {
+    let s = collect(opts).await?;
+    let written = if opts.json {
+        writeln!(out, "{}", to_json(&s))
+    } else {
+        write_text(&s, &opts.leader_key_prefix, out)
+    };
+    // stdout closed (`status | head`): nothing left to tell anyone.
+    let _ = written.and_then(|()| out.flush());
+    Ok(())
+}
+
+fn age_secs(s: &Status, at: DateTime<Utc>) -> f64 {
+    (s.now - at).num_milliseconds().max(0) as f64 / 1000.0
+}
+
+/// The leader's progress report, parsed (it is JSON written by `run`).
+fn progress(info: &LeaseInfo) -> Option<serde_json::Value> {
+    info.progress
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+}
+
+pub fn to_json(s: &Status) -> serde_json::Value {
+    let cursors: Vec<_> = s
+        .cursors
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "service": c.service,
+                "seq": c.seq,
+                "fence": c.fence,
+                "updated_at": c.updated_at.to_rfc3339(),
+                "age_seconds": age_secs(s, c.updated_at),
+            })
+        })
+        .collect();
+    let leader = match &s.leader {
+        Ok(l) => serde_json::json!({
+            "holder": l.holder,
+            "lease_ttl_ms": l.ttl_ms,
+            "fence": l.fence,
+            "progress": progress(l),
+        }),
+        Err(e) => serde_json::json!({ "error": e }),
+    };
+    serde_json::json!({ "cursors": cursors, "leader": leader, "now": s.now.to_rfc3339() })
+}
+
+fn write_text(s: &Status, prefix: &str, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "cursors (firehose_cursor):")?;
+    if s.cursors.is_empty() {
+        writeln!(out, "  none yet (no run has claimed a relay)")?;
+    }
+    for c in &s.cursors {
+        let seq = c.seq.map_or_else(|| "none".to_owned(), |v| v.to_string());
+        writeln!(
+            out,
+            "  service={} seq={seq} fence={} updated_at={} age={:.1}s",
+            c.service,
+            c.fence,
+            c.updated_at.to_rfc3339(),
+            age_secs(s, c.updated_at)
+        )?;
+    }
+    writeln!(out, "leader (Redis keys {prefix}*):")?;
+    match &s.leader {
+        Err(e) => writeln!(out, "  unknown: {e}")?,
+        Ok(l) => {
+            match (&l.holder, l.ttl_ms) {
+                (Some(h), Some(t)) => writeln!(out, "  holder={h} lease_expires_in={t}ms")?,
+                (Some(h), None) => writeln!(out, "  holder={h}")?,
+                (None, _) => writeln!(out, "  holder=none (no leader: the lease is free)")?,
+            }
+            match l.fence {
+                Some(f) => writeln!(out, "  fence_counter={f}")?,
+                None => writeln!(out, "  fence_counter=none")?,
+            }
+            match progress(l) {
+                Some(p) => {
+                    let field = |k: &str| match &p[k] {
+                        serde_json::Value::Null => "unknown".to_owned(),
+                        v => v.to_string(),
+                    };
+                    writeln!(
+                        out,
+                        "  progress: fence={} relay_seq={} cursor={} lag_events={} reported_at={}",
+                        field("fence"),
+                        field("relay_seq"),
+                        field("cursor"),
+                        field("lag_events"),
+                        p["at"].as_str().unwrap_or("unknown")
+                    )?;
+                }
+                None => writeln!(
+                    out,
+                    "  progress: none (no leader reported in the last 10 s)"
+                )?,
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_json() {
+        let now = Utc::now();
+        let s = Status {
+            cursors: vec![CursorRow {
+                service: "relay.example".into(),
+                seq: Some(42),
+                fence: 3,
+                updated_at: now - chrono::Duration::seconds(5),
+            }],
+            leader: Ok(LeaseInfo {
+                holder: Some("h:1:ab".into()),
+                ttl_ms: Some(900),
+                fence: Some(3),
+                progress: Some(
+                    r#"{"fence":3,"relay_seq":50,"cursor":42,"lag_events":8,"at":"t"}"#.into(),
+                ),
+            }),
+            now,
+        };
+        let mut out = Vec::new();
+        write_text(&s, "p:", &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("service=relay.example seq=42 fence=3"),
+            "{text}"
+        );
+        assert!(text.contains("age=5.0s"), "{text}");
+        assert!(
+            text.contains("holder=h:1:ab lease_expires_in=900ms"),
+            "{text}"
+        );
+        assert!(text.contains("lag_events=8"), "{text}");
+        let j = to_json(&s);
+        assert_eq!(j["cursors"][0]["seq"], 42);
+        assert_eq!(j["leader"]["progress"]["lag_events"], 8);
+    }
+}
