@@ -360,8 +360,8 @@ async fn write_stage(
             started.elapsed().as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        stats.add_batch(batch.events.len(), &applied, batch.cursor());
-        if let (Some(tx), Some(seq)) = (&durable, batch.cursor()) {
+        stats.add_batch(batch.events.len(), &applied, applied.cursor);
+        if let (Some(tx), Some(seq)) = (&durable, applied.cursor) {
             tx.send_replace(Some(seq));
         }
     }

@@ -80,6 +80,8 @@ pub struct Applied {
     pub stats: PlanStats,
     pub inserted: BTreeMap<&'static str, u64>,
     pub deleted: BTreeMap<&'static str, u64>,
+    /// The cursor as stored after this batch (monotonic).
+    pub cursor: Option<i64>,
     /// Time spent per table / statement group, in µs (where the database time goes).
     pub statement_micros: BTreeMap<&'static str, u64>,
 }
@@ -141,7 +143,7 @@ pub async fn apply(
     write_derived(tx, &derived, &mut applied).await?;
     if let Some(seq) = batch.cursor() {
         let t0 = std::time::Instant::now();
-        write_cursor(tx, cursor, seq).await?;
+        applied.cursor = Some(write_cursor(tx, cursor, seq).await?);
         applied.timed("cursor", t0);
     }
     applied.stats = plan.stats;
@@ -437,20 +439,22 @@ async fn write_actors(tx: &Transaction<'_>, plan: &Plan) -> Result<(), WriteErro
 }
 
 /// Writes the cursor unless a newer fencing token already has (§7).
-async fn write_cursor(tx: &Transaction<'_>, key: &CursorKey, seq: i64) -> Result<(), WriteError> {
-    let n = exec(
+async fn write_cursor(tx: &Transaction<'_>, key: &CursorKey, seq: i64) -> Result<i64, WriteError> {
+    // Never moves back: after a reconnect the relay re-sends events the pipeline may already
+    // hold, and a batch of those must not lower a cursor whose events are all durable.
+    let rows = query(
         tx,
         "INSERT INTO firehose_cursor AS c (service, seq, fence, updated_at) VALUES ($1, $2, $3, now()) \
-         ON CONFLICT (service) DO UPDATE SET seq = excluded.seq, fence = excluded.fence, updated_at = now() \
-         WHERE c.fence <= excluded.fence",
+         ON CONFLICT (service) DO UPDATE SET seq = GREATEST(c.seq, excluded.seq), fence = excluded.fence, \
+         updated_at = now() WHERE c.fence <= excluded.fence RETURNING seq",
         &[&key.service, &seq, &key.fence],
     )
     .await?;
-    if n == 0 {
-        return Err(WriteError::Fenced {
+    match rows.first() {
+        Some(row) => Ok(row.try_get(0)?),
+        None => Err(WriteError::Fenced {
             service: key.service.clone(),
             fence: key.fence,
-        });
+        }),
     }
-    Ok(())
 }
