@@ -686,7 +686,7 @@ async fn lead(
                     db_fence,
                     "the database holds a fence at least as new as ours; raising the Redis fence counter and re-acquiring"
                 );
-                metrics::counter!("atproto_ingest_fence_claims_refused_total").increment(1);
+                metrics::counter!(m::FENCE_CLAIMS_REFUSED_TOTAL).increment(1);
                 elector.raise_fence_floor(db_fence).await?;
                 release(leadership, RELEASE_LIMIT).await;
                 life.standby();
@@ -734,7 +734,7 @@ async fn lead(
                 );
             }
             TermEnd::Fenced => {
-                metrics::counter!("atproto_ingest_fenced_total").increment(1);
+                metrics::counter!(m::FENCED_TOTAL).increment(1);
                 tracing::error!(
                     fence,
                     "fenced out by a newer leader: our last batch was rolled back; standing by"
@@ -1046,7 +1046,7 @@ async fn progress(
             _ => None,
         };
         if let Some(l) = lag {
-            metrics::gauge!(m::LAG_SEQ).set(l as f64);
+            metrics::gauge!(m::LAG_EVENTS).set(l as f64);
         }
         notify::status(&match (durable, lag) {
             (Some(c), Some(l)) => format!("leader (fence {fence}), cursor {c}, lag {l} events"),

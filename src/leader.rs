@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics as m;
+
 /// Default lease TTL: long enough to ride out a Redis failover blip, short enough that a
 /// standby takes over within seconds of a crash.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -163,7 +165,7 @@ impl Elector {
             ConnectionManager::new_with_config(client, mgr_cfg),
         )
         .await?;
-        metrics::gauge!("atproto_ingest_leader").set(0.0);
+        metrics::gauge!(m::LEADER).set(0.0);
         Ok(Self {
             lease_key: format!("{}leader", cfg.key_prefix),
             fence_key: format!("{}fence", cfg.key_prefix),
@@ -222,8 +224,8 @@ impl Elector {
         if fence == 0 {
             return Ok(None);
         }
-        metrics::gauge!("atproto_ingest_leader").set(1.0);
-        metrics::counter!("atproto_ingest_leader_acquisitions_total").increment(1);
+        metrics::gauge!(m::LEADER).set(1.0);
+        metrics::counter!(m::LEADER_ACQUISITIONS_TOTAL).increment(1);
         tracing::info!(key = %self.lease_key, fence, ttl_ms = ttl_ms(self.cfg.ttl), "leader lease acquired");
         let lost = CancellationToken::new();
         let renewer = Renewer {
@@ -346,7 +348,7 @@ impl Leadership {
     pub async fn release(self) -> Result<(), LeaderError> {
         self.task.abort();
         self.lost.cancel();
-        metrics::gauge!("atproto_ingest_leader").set(0.0);
+        metrics::gauge!(m::LEADER).set(0.0);
         let mut conn = self.conn.clone();
         let deleted: i64 = timed(
             REDIS_CALL_TIMEOUT,
@@ -366,7 +368,7 @@ impl Drop for Leadership {
         self.task.abort();
         if !self.lost.is_cancelled() {
             self.lost.cancel();
-            metrics::gauge!("atproto_ingest_leader").set(0.0);
+            metrics::gauge!(m::LEADER).set(0.0);
         }
     }
 }
@@ -421,8 +423,8 @@ impl Renewer {
 
     fn lose(self, why: &'static str) {
         self.lost.cancel();
-        metrics::gauge!("atproto_ingest_leader").set(0.0);
-        metrics::counter!("atproto_ingest_leader_lost_total").increment(1);
+        metrics::gauge!(m::LEADER).set(0.0);
+        metrics::counter!(m::LEADER_LOST_TOTAL).increment(1);
         tracing::error!(key = %self.key, fence = self.fence, reason = why, "leader lease lost; stopping");
     }
 }

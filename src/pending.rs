@@ -9,21 +9,14 @@ use std::collections::BTreeMap;
 
 use lru::LruCache;
 
+use crate::metrics as m;
+
 /// Default bound on DIDs held: ~10k users being created at once covers a backfill burst
 /// while keeping the map a few MiB.
 pub const DEFAULT_MAX_DIDS: usize = 10_000;
 /// Default bound on ops per DID: a new account rarely writes more than this before its
 /// identity resolves; past it we flush with a stub user rather than grow.
 pub const DEFAULT_MAX_OPS_PER_DID: usize = 100;
-
-/// Gauge: DIDs currently held.
-pub const METRIC_PENDING_DIDS: &str = "atproto_ingest_pending_dids";
-/// Gauge: ops currently held (all DIDs).
-pub const METRIC_PENDING_OPS: &str = "atproto_ingest_pending_ops";
-/// Counter: DIDs evicted because the map was full.
-pub const METRIC_PENDING_EVICTIONS: &str = "atproto_ingest_pending_evictions_total";
-/// Counter: per-DID lists flushed because they were full.
-pub const METRIC_PENDING_OVERFLOWS: &str = "atproto_ingest_pending_overflows_total";
 
 /// Errors of this module (configuration only: the map itself cannot fail).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,7 +110,7 @@ impl<T> PendingOps<T> {
                 let mut ops = self.map.pop(did).unwrap_or_default();
                 self.forget(&ops);
                 ops.push((seq, item));
-                metrics::counter!(METRIC_PENDING_OVERFLOWS).increment(1);
+                metrics::counter!(m::PENDING_OVERFLOWS_TOTAL).increment(1);
                 self.publish();
                 return PushOutcome::Overflow {
                     did: did.to_owned(),
@@ -136,7 +129,7 @@ impl<T> PendingOps<T> {
         };
         if let Some((_, ops)) = &evicted {
             self.forget(ops);
-            metrics::counter!(METRIC_PENDING_EVICTIONS).increment(1);
+            metrics::counter!(m::PENDING_EVICTIONS_TOTAL).increment(1);
         }
         self.map.put(did.to_owned(), vec![(seq, item)]);
         self.remember(seq);
@@ -215,8 +208,8 @@ impl<T> PendingOps<T> {
     }
 
     fn publish(&self) {
-        metrics::gauge!(METRIC_PENDING_DIDS).set(self.map.len() as f64);
-        metrics::gauge!(METRIC_PENDING_OPS).set(self.ops as f64);
+        metrics::gauge!(m::PENDING_DIDS).set(self.map.len() as f64);
+        metrics::gauge!(m::PENDING_OPS).set(self.ops as f64);
     }
 }
 

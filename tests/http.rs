@@ -72,11 +72,14 @@ async fn health_readiness_and_metrics(pg: PgPool) {
     let (code, body) = get(addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
-        body.contains("atproto_ingest_reconnects_total{reason=\"http_test\"} 3"),
+        body.contains(&format!(
+            "{}{{reason=\"http_test\"}} 3",
+            metrics::RECONNECTS_TOTAL
+        )),
         "{body}"
     );
     assert!(
-        body.contains("# HELP atproto_ingest_reconnects_total"),
+        body.contains(&format!("# HELP {}", metrics::RECONNECTS_TOTAL)),
         "{body}"
     );
     assert_eq!(get(addr, "/nope").await.0, 404);

@@ -38,6 +38,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics as m;
+
 /// The XRPC path of the firehose.
 pub const SUBSCRIBE_REPOS_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
 /// Default relay.
@@ -152,7 +154,7 @@ pub async fn run(
 ) -> Result<(), ClientError> {
     install_crypto_provider();
     subscribe_url(&cfg.relay_url, None)?;
-    metrics::gauge!("atproto_ingest_relay_connected").set(0.0);
+    metrics::gauge!(m::RELAY_CONNECTED).set(0.0);
     let mut attempt: u32 = 0;
     // Lowest resume cursor allowed: raised past a frame the socket keeps refusing as oversized.
     let mut skip_floor: Option<i64> = None;
@@ -170,8 +172,18 @@ pub async fn run(
         };
         let url = subscribe_url(&cfg.relay_url, resume)?;
         let started = Instant::now();
-        let end = session(&cfg, &url, resume, &out, &cancel, &mut gaps, &mut first_seq).await;
-        metrics::gauge!("atproto_ingest_relay_connected").set(0.0);
+        let end = session(
+            &cfg,
+            &url,
+            resume,
+            &out,
+            &cancel,
+            &mut gaps,
+            &mut first_seq,
+            &cursor,
+        )
+        .await;
+        metrics::gauge!(m::RELAY_CONNECTED).set(0.0);
         match end {
             SessionEnd::Stop => return Ok(()),
             SessionEnd::Ended {
@@ -193,7 +205,7 @@ pub async fn run(
         }
         let delay = backoff_delay(&cfg, attempt);
         attempt = attempt.saturating_add(1);
-        metrics::counter!("atproto_ingest_relay_reconnects_total").increment(1);
+        metrics::counter!(m::RECONNECTS_TOTAL).increment(1);
         tracing::info!(
             delay_ms = delay.as_millis() as u64,
             attempt,
@@ -235,6 +247,7 @@ fn ended(why: impl ToString) -> SessionEnd {
 }
 
 /// One connection: handshake, then forward messages until it fails, goes silent or is cancelled.
+#[allow(clippy::too_many_arguments)] // one connection's state, passed by reference from `run`
 async fn session(
     cfg: &ClientConfig,
     url: &str,
@@ -243,6 +256,7 @@ async fn session(
     cancel: &CancellationToken,
     gaps: &mut GapLog,
     first_seq: &mut Option<i64>,
+    durable: &watch::Receiver<Option<i64>>,
 ) -> SessionEnd {
     let ws_cfg = WebSocketConfig::default()
         .max_message_size(Some(cfg.max_message_bytes))
@@ -256,7 +270,7 @@ async fn session(
             Err(_) => return ended("connect timed out"),
         },
     };
-    metrics::gauge!("atproto_ingest_relay_connected").set(1.0);
+    metrics::gauge!(m::RELAY_CONNECTED).set(1.0);
     tracing::info!(url = %url, "connected to relay");
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_heard = Instant::now();
@@ -284,12 +298,12 @@ async fn session(
             Some(Ok(Message::Binary(b))) => b,
             Some(Ok(Message::Close(f))) => return ended(format!("relay closed: {f:?}")),
             Some(Ok(Message::Text(_))) => {
-                metrics::counter!("atproto_ingest_relay_text_messages_total").increment(1);
+                metrics::counter!(m::RELAY_TEXT_MESSAGES_TOTAL).increment(1);
                 continue;
             }
             Some(Ok(_)) => continue, // ping (answered by tungstenite), pong, raw frame
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                metrics::counter!("atproto_ingest_relay_oversized_total").increment(1);
+                metrics::counter!(m::RELAY_OVERSIZED_TOTAL).increment(1);
                 tracing::warn!(
                     size,
                     max_size,
@@ -324,7 +338,11 @@ async fn session(
                 last_seq = Some(seq);
                 first_seq.get_or_insert(seq);
                 cfg.seen_seq.fetch_max(seq, Ordering::Relaxed);
-                metrics::gauge!("atproto_ingest_relay_seq").set(seq as f64);
+                metrics::gauge!(m::RELAY_SEQ).set(seq as f64);
+                // Lag behind the relay in events: what was received but is not yet durable.
+                if let Some(c) = *durable.borrow() {
+                    metrics::gauge!(m::LAG_EVENTS).set(seq.saturating_sub(c).max(0) as f64);
+                }
             }
             Peeked::Info { name, message } => {
                 let label = if name == "OutdatedCursor" {
@@ -332,7 +350,7 @@ async fn session(
                 } else {
                     "other"
                 };
-                metrics::counter!("atproto_ingest_relay_info_total", "name" => label).increment(1);
+                metrics::counter!(m::RELAY_INFO_TOTAL, "name" => label).increment(1);
                 if name == "OutdatedCursor" {
                     outdated = true;
                     tracing::warn!(cursor = ?resume, message = ?message, "relay #info OutdatedCursor: our cursor is older than the relay's backfill window; events before the next seq received may be missing");
@@ -346,8 +364,7 @@ async fn session(
                     "ConsumerTooSlow" => "ConsumerTooSlow",
                     _ => "other",
                 };
-                metrics::counter!("atproto_ingest_relay_errors_total", "error" => label)
-                    .increment(1);
+                metrics::counter!(m::RELAY_ERRORS_TOTAL, "error" => label).increment(1);
                 match label {
                     "FutureCursor" => {
                         tracing::error!(cursor = ?resume, message = ?message, "relay error FutureCursor: our durable cursor is ahead of the relay's head (relay reset, a different relay, or a lagging replica); retrying from the durable cursor, NOT skipping ahead. Operator action may be needed (see README)")
@@ -462,7 +479,7 @@ struct GapLog {
 
 impl GapLog {
     fn record(&mut self, kind: &'static str, last: i64, seq: i64) {
-        metrics::counter!("atproto_ingest_relay_seq_gaps_total", "kind" => kind).increment(1);
+        metrics::counter!(m::RELAY_SEQ_GAPS_TOTAL, "kind" => kind).increment(1);
         let now = Instant::now();
         let entry = self.last_logged.entry(kind);
         let (at, suppressed) = entry.or_insert((now - GAP_LOG_INTERVAL * 2, 0));

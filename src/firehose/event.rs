@@ -46,6 +46,17 @@ impl EventKind {
         }
     }
 
+    /// The event's `time` (RFC 3339, when the relay/PDS emitted it), if it carries one.
+    pub fn time(&self) -> Option<&str> {
+        match self {
+            Self::Commit(c) => Some(&c.time),
+            Self::Identity(i) => Some(&i.time),
+            Self::Account(a) => Some(&a.time),
+            Self::Sync(s) => Some(&s.time),
+            Self::Info { .. } | Self::Error { .. } => None,
+        }
+    }
+
     /// The repo (DID) the event concerns, if any.
     pub fn did(&self) -> Option<&str> {
         match self {

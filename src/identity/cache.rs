@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
-use super::metrics::{CACHE_ENTRIES, CACHE_HITS, CACHE_MISSES};
+use crate::metrics::{
+    IDENTITY_CACHE_ENTRIES as CACHE_ENTRIES, IDENTITY_CACHE_HITS_TOTAL as CACHE_HITS,
+    IDENTITY_CACHE_MISSES_TOTAL as CACHE_MISSES,
+};
 
 /// An LRU cache of at most `capacity` entries, each valid for its own TTL.
 pub struct TtlCache<K: Hash + Eq, V> {

@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
-use super::metrics::{
-    GaugeGuard, CREATIONS_IN_FLIGHT, CREATIONS_WAITING, CREATION_FAILURES, CREATION_WAIT_SECONDS,
-};
+use super::metrics::GaugeGuard;
 use super::{Identity, IdentityConfig, IdentityError, Resolver};
+use crate::metrics::{
+    USER_CREATIONS_IN_FLIGHT as CREATIONS_IN_FLIGHT, USER_CREATIONS_WAITING as CREATIONS_WAITING,
+    USER_CREATION_FAILURES_TOTAL as CREATION_FAILURES,
+    USER_CREATION_WAIT_SECONDS as CREATION_WAIT_SECONDS,
+};
 
 /// Why a user was created as a stub.
 #[derive(Debug)]

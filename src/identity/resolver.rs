@@ -8,8 +8,12 @@ use super::cache::TtlCache;
 use super::config::MAX_DOC_BYTES;
 use super::fetch::{did_document_url, get_bounded};
 use super::handle::HandleResolver;
-use super::metrics::{CACHE_DID_DOC, CACHE_HANDLE, HANDLE_CHECKS, RESOLUTIONS, RESOLUTION_SECONDS};
+use super::metrics::{CACHE_DID_DOC, CACHE_HANDLE};
 use super::{DidDocument, IdentityConfig, IdentityError};
+use crate::metrics::{
+    IDENTITY_HANDLE_CHECKS_TOTAL as HANDLE_CHECKS, IDENTITY_RESOLUTIONS_TOTAL as RESOLUTIONS,
+    IDENTITY_RESOLUTION_SECONDS as RESOLUTION_SECONDS,
+};
 
 /// A resolved identity, ready to be written to `actors`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -49,9 +49,11 @@ pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
                 }
                 let ty = d.event.kind.type_name();
                 *out.counts.events.entry(ty).or_default() += 1;
-                metrics::counter!("atproto_ingest_events_total", "type" => ty).increment(1);
                 match &d.event.kind {
                     EventKind::Commit(c) => {
+                        if c.too_big {
+                            out.counts.too_big += 1;
+                        }
                         for op in &c.ops {
                             *out.counts
                                 .ops
@@ -73,8 +75,6 @@ pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
                 let reason = e.reason();
                 log_once(reason, &e);
                 *out.counts.skipped.entry(reason).or_default() += 1;
-                metrics::counter!("atproto_ingest_frames_malformed_total", "reason" => reason)
-                    .increment(1);
             }
         }
     }

@@ -204,7 +204,7 @@ fn read_files(
                 Err(e) => {
                     // The framing is lost: what was read so far is still written.
                     tracing::error!(path = %path.display(), error = %e, "fixture file ends badly; stopping this file");
-                    metrics::counter!("atproto_ingest_frames_malformed_total", "reason" => "truncated_file").increment(1);
+                    metrics::counter!(crate::metrics::FRAMES_MALFORMED_TOTAL, "reason" => "truncated_file").increment(1);
                     break;
                 }
             }
@@ -350,17 +350,12 @@ async fn write_stage(
         .inspect_err(|e| {
             tracing::error!(error = %e, attempts = e.attempts(), "batch failed; stopping without advancing the cursor");
         })?;
-        metrics::histogram!("atproto_ingest_batch_flush_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("atproto_ingest_batch_events").record(batch.events.len() as f64);
-        if let Some(seq) = batch.cursor() {
-            metrics::gauge!("atproto_ingest_cursor_seq").set(seq as f64);
-        }
+        let flush = started.elapsed();
         stats.write_micros.fetch_add(
-            started.elapsed().as_micros() as u64,
+            flush.as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        stats.add_batch(batch.events.len(), &applied, applied.cursor);
+        stats.add_batch(&batch, &applied, flush);
         if let (Some(tx), Some(seq)) = (&durable, applied.cursor) {
             tx.send_replace(Some(seq));
         }

@@ -1,13 +1,15 @@
 //! Run-wide counters of the pipeline: what the `replay` summary prints and the progress bar
-//! reads. Prometheus metrics are emitted alongside at the same places.
+//! reads. The pipeline's Prometheus metrics are emitted here too, once per decoded chunk
+//! ([`Stats::add_chunk`]) and once per committed batch ([`Stats::add_batch`]), never per row.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::metrics as m;
 use crate::writer::plan::PlanStats;
-use crate::writer::Applied;
+use crate::writer::{Applied, Batch};
 
 /// Counts of one decoded chunk, merged into [`Stats`] at once (one lock per chunk).
 #[derive(Debug, Default)]
@@ -17,6 +19,8 @@ pub struct ChunkCounts {
     pub ops: BTreeMap<(&'static str, String), u64>,
     pub skipped: BTreeMap<&'static str, u64>,
     pub non_canonical: u64,
+    /// `tooBig` commits.
+    pub too_big: u64,
     pub decode_micros: u64,
 }
 
@@ -45,6 +49,8 @@ pub struct Stats {
     pub ops_superseded: AtomicU64,
     /// Last seq committed with the cursor (-1 before the first batch).
     pub cursor: AtomicI64,
+    /// `time` of the last event committed, µs since the Unix epoch (0 before the first one).
+    pub last_event_micros: AtomicI64,
     /// Time spent decoding (summed over decode threads) and in batch transactions, in µs:
     /// where the time goes.
     pub decode_micros: AtomicU64,
@@ -66,6 +72,7 @@ impl Default for Stats {
             commits_already_applied: AtomicU64::new(0),
             ops_superseded: AtomicU64::new(0),
             cursor: AtomicI64::new(-1),
+            last_event_micros: AtomicI64::new(0),
             decode_micros: AtomicU64::new(0),
             write_micros: AtomicU64::new(0),
             users: Default::default(),
@@ -92,13 +99,59 @@ impl Stats {
             .fetch_add(c.non_canonical, Ordering::Relaxed);
         self.decode_micros
             .fetch_add(c.decode_micros, Ordering::Relaxed);
+        for (ty, n) in &c.events {
+            metrics::counter!(m::EVENTS_TOTAL, "type" => *ty).increment(*n);
+        }
+        for ((action, coll), n) in &c.ops {
+            metrics::counter!(m::OPS_TOTAL, "action" => *action, "collection" => m::collection_label(coll))
+                .increment(*n);
+        }
+        for (reason, n) in &c.skipped {
+            metrics::counter!(m::FRAMES_MALFORMED_TOTAL, "reason" => *reason).increment(*n);
+        }
+        if c.too_big > 0 {
+            metrics::counter!(m::COMMITS_TOO_BIG_TOTAL).increment(c.too_big);
+        }
         let mut t = self.tables();
         add(&mut t.events, &c.events);
         add(&mut t.ops, &c.ops);
         add(&mut t.skipped, &c.skipped);
     }
 
-    pub fn add_batch(&self, events: usize, applied: &Applied, cursor: Option<i64>) {
+    /// Merges a committed batch: `applied` is what its transaction did, `flush` the time from
+    /// its first attempt to its commit.
+    pub fn add_batch(&self, batch: &Batch, applied: &Applied, flush: Duration) {
+        let events = batch.events.len();
+        let cursor = applied.cursor.or(batch.cursor());
+        metrics::histogram!(m::BATCH_SIZE_EVENTS).record(events as f64);
+        metrics::histogram!(m::BATCH_SIZE_OPS).record(batch.ops() as f64);
+        metrics::histogram!(m::BATCH_FLUSH_SECONDS).record(flush.as_secs_f64());
+        if let Some(seq) = cursor {
+            metrics::gauge!(m::CURSOR_SEQ).set(seq as f64);
+        }
+        // The newest event time of the batch (events are in seq order; `#info` and error
+        // frames carry none). Unparseable times leave the lag as it was.
+        let last_time = batch.events.iter().rev().find_map(|e| e.kind.time());
+        if let Some(t) = last_time.and_then(crate::mapping::parse_time) {
+            self.last_event_micros
+                .store(t.timestamp_micros(), Ordering::Relaxed);
+            m::set_last_event_time(t);
+        }
+        for (table, n) in &applied.inserted {
+            metrics::counter!(m::ROWS_WRITTEN_TOTAL, "table" => *table, "op" => "insert")
+                .increment(*n);
+        }
+        for (table, n) in &applied.deleted {
+            metrics::counter!(m::ROWS_WRITTEN_TOTAL, "table" => *table, "op" => "delete")
+                .increment(*n);
+        }
+        for ((coll, kind), n) in &applied.stats.invalid {
+            metrics::counter!(m::INVALID_RECORDS_TOTAL, "collection" => m::collection_label(coll), "kind" => *kind)
+                .increment(*n);
+        }
+        for (reason, n) in &applied.stats.unavailable {
+            metrics::counter!(m::OPS_UNAVAILABLE_TOTAL, "reason" => *reason).increment(*n);
+        }
         self.events_written
             .fetch_add(events as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);

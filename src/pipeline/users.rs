@@ -36,6 +36,7 @@ use crate::firehose::{Event, EventKind};
 use crate::identity::{
     self, config as idcfg, Creation, IdentityConfig, IdentityError, UserCreator,
 };
+use crate::metrics as m;
 use crate::pending::{self, DidOps, PendingConfig, PendingError, PendingOps, PushOutcome};
 
 /// DIDs remembered as having an actor row: ~1 M × ~120 B ≈ 120 MiB at most, enough that a
@@ -60,29 +61,6 @@ const SCHEDULE_BATCH: usize = 256;
 const DB_CONCURRENCY: usize = 2;
 /// Background `#identity` refreshes in flight; beyond it refreshes are scheduled in the DB.
 const MAX_REFRESHES: usize = 1_000;
-
-/// Gauge: DIDs in the known-DID set.
-pub const METRIC_KNOWN_DIDS: &str = "atproto_ingest_users_known_dids";
-/// Gauge: user creations and refreshes in flight (spawned tasks).
-pub const METRIC_IN_FLIGHT: &str = "atproto_ingest_users_tasks_in_flight";
-/// Gauge `{queue}`: items waiting in the stage's own queues (`done`, `schedule`).
-pub const METRIC_QUEUE_DEPTH: &str = "atproto_ingest_users_queue_depth";
-/// Gauge: low watermark of the users stage (the cursor batches may write).
-pub const METRIC_WATERMARK: &str = "atproto_ingest_users_watermark_seq";
-/// Counter `{result}`: users created (`resolved`, `stub`, `known`, `error`).
-pub const METRIC_CREATED: &str = "atproto_ingest_users_created_total";
-/// Counter `{reason}`: DIDs released early as stubs (`evicted`, `overflow`, `shutdown`).
-pub const METRIC_STUB_RELEASES: &str = "atproto_ingest_users_stub_releases_total";
-/// Counter: events that waited in a pending-op map.
-pub const METRIC_HELD: &str = "atproto_ingest_users_events_held_total";
-/// Counter `{mode}`: `#identity` refreshes (`task` or `scheduled`).
-pub const METRIC_REFRESHES: &str = "atproto_ingest_users_identity_refreshes_total";
-/// Counter `{op}`: database errors of the users stage and re-resolution job.
-pub const METRIC_DB_ERRORS: &str = "atproto_ingest_users_db_errors_total";
-/// Counter: re-resolution job runs.
-pub const METRIC_RERESOLVE_RUNS: &str = "atproto_ingest_reresolve_runs_total";
-/// Counter `{result}`: actors re-resolved by the job (`resolved`, `stub`).
-pub const METRIC_RERESOLVED: &str = "atproto_ingest_reresolve_actors_total";
 
 /// Errors of the users stage, its configuration and the re-resolution job.
 #[derive(Debug, thiserror::Error)]
@@ -518,7 +496,7 @@ impl Stage {
     fn hold(&mut self, did: String, ev: Event) {
         let seq = ev.seq;
         self.stats.users.events_held.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(METRIC_HELD).increment(1);
+        metrics::counter!(m::USERS_EVENTS_HELD_TOTAL).increment(1);
         match self.pending.push(&did, seq, ev) {
             PushOutcome::Held => {}
             PushOutcome::Overflow { did, ops } => {
@@ -534,7 +512,7 @@ impl Stage {
 
     /// Releases `did`'s events now; its user is a stub resolved later.
     fn release_stub(&mut self, did: String, ops: DidOps<Event>, reason: &'static str) {
-        metrics::counter!(METRIC_STUB_RELEASES, "reason" => reason).increment(1);
+        metrics::counter!(m::USERS_STUB_RELEASES_TOTAL, "reason" => reason).increment(1);
         if let Some(f) = self.in_flight.remove(&did) {
             f.abort.abort();
             if f.refresh {
@@ -562,7 +540,7 @@ impl Stage {
             f.abort.abort();
         }
         self.refreshes = 0;
-        metrics::gauge!(METRIC_IN_FLIGHT).set(0.0);
+        metrics::gauge!(m::USERS_TASKS_IN_FLIGHT).set(0.0);
     }
 
     /// `#identity`: forget cached resolutions and refresh a known actor in the background.
@@ -579,10 +557,11 @@ impl Stage {
         }
         self.stats.users.refreshes.fetch_add(1, Ordering::Relaxed);
         if self.refreshes < MAX_REFRESHES {
-            metrics::counter!(METRIC_REFRESHES, "mode" => "task").increment(1);
+            metrics::counter!(m::USERS_IDENTITY_REFRESHES_TOTAL, "mode" => "task").increment(1);
             self.start(did.to_owned(), true);
         } else {
-            metrics::counter!(METRIC_REFRESHES, "mode" => "scheduled").increment(1);
+            metrics::counter!(m::USERS_IDENTITY_REFRESHES_TOTAL, "mode" => "scheduled")
+                .increment(1);
             self.to_schedule.push(did.to_owned());
         }
     }
@@ -615,7 +594,7 @@ impl Stage {
                 self.refreshes = self.refreshes.saturating_sub(1);
             }
         }
-        metrics::gauge!(METRIC_IN_FLIGHT).set(self.in_flight.len() as f64);
+        metrics::gauge!(m::USERS_TASKS_IN_FLIGHT).set(self.in_flight.len() as f64);
     }
 
     /// A creation finished: the DID is known and its events go on, in order.
@@ -626,7 +605,7 @@ impl Stage {
             _ => return,
         };
         self.in_flight.remove(&done.did);
-        metrics::gauge!(METRIC_IN_FLIGHT).set(self.in_flight.len() as f64);
+        metrics::gauge!(m::USERS_TASKS_IN_FLIGHT).set(self.in_flight.len() as f64);
         if refresh {
             // A known actor's `#identity` refresh: nothing was held for it.
             self.refreshes = self.refreshes.saturating_sub(1);
@@ -655,7 +634,7 @@ impl Stage {
                 "error"
             }
         };
-        metrics::counter!(METRIC_CREATED, "result" => label).increment(1);
+        metrics::counter!(m::USERS_CREATED_TOTAL, "result" => label).increment(1);
         if matches!(done.outcome, Outcome::DbError) {
             self.to_schedule.push(done.did.clone());
         }
@@ -668,7 +647,7 @@ impl Stage {
 
     fn mark_known(&mut self, did: String) {
         self.known.put(did, ());
-        metrics::gauge!(METRIC_KNOWN_DIDS).set(self.known.len() as f64);
+        metrics::gauge!(m::USERS_KNOWN_DIDS).set(self.known.len() as f64);
     }
 
     /// Highest S such that every event received with seq ≤ S has been forwarded.
@@ -693,8 +672,8 @@ impl Stage {
 
     /// Sends what is ready downstream with the watermark; false when downstream is gone.
     async fn flush(&mut self, tx: &mpsc::Sender<DecodedChunk>) -> bool {
-        metrics::gauge!(METRIC_QUEUE_DEPTH, "queue" => "done").set(depth(&self.done_tx));
-        metrics::gauge!(METRIC_QUEUE_DEPTH, "queue" => "schedule").set(depth(&self.sched_tx));
+        metrics::gauge!(m::USERS_QUEUE_DEPTH, "queue" => "done").set(depth(&self.done_tx));
+        metrics::gauge!(m::USERS_QUEUE_DEPTH, "queue" => "schedule").set(depth(&self.sched_tx));
         for did in self.to_schedule.drain(..) {
             if self.sched_tx.send(did).await.is_err() {
                 tracing::error!("stub scheduling task is gone");
@@ -707,7 +686,7 @@ impl Stage {
         let watermark = self.watermark();
         if let Some(w) = watermark {
             self.stats.users.watermark.store(w, Ordering::Relaxed);
-            metrics::gauge!(METRIC_WATERMARK).set(w as f64);
+            metrics::gauge!(m::USERS_WATERMARK_SEQ).set(w as f64);
         }
         let chunk = DecodedChunk {
             events: std::mem::take(&mut self.out),
@@ -819,7 +798,7 @@ async fn create_inner(
             }
             Ok(None) => {}
             Err(e) => {
-                metrics::counter!(METRIC_DB_ERRORS, "op" => "lookup").increment(1);
+                metrics::counter!(m::USERS_DB_ERRORS_TOTAL, "op" => "lookup").increment(1);
                 tracing::warn!(did, error = %e, "looking up an actor failed; resolving anyway");
             }
         }
@@ -829,7 +808,7 @@ async fn create_inner(
     match store(pool, &creation).await {
         Ok(outcome) => outcome,
         Err(e) => {
-            metrics::counter!(METRIC_DB_ERRORS, "op" => "store").increment(1);
+            metrics::counter!(m::USERS_DB_ERRORS_TOTAL, "op" => "store").increment(1);
             tracing::warn!(did, error = %e, "storing a user's identity failed");
             Outcome::DbError
         }
@@ -844,7 +823,7 @@ async fn schedule_task(pool: Pool, mut rx: mpsc::Receiver<String>, stats: Arc<St
         buf.dedup();
         if let Err(e) = schedule(&pool, &buf).await {
             stats.users.db_errors.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(METRIC_DB_ERRORS, "op" => "schedule").increment(1);
+            metrics::counter!(m::USERS_DB_ERRORS_TOTAL, "op" => "schedule").increment(1);
             tracing::warn!(error = %e, dids = buf.len(), "scheduling stub users for resolution failed; they resolve when next seen");
         }
         buf.clear();
@@ -908,8 +887,9 @@ pub async fn reresolve_once(
             _ => run.stubs += 1,
         }
     }
-    metrics::counter!(METRIC_RERESOLVED, "result" => "resolved").increment(run.resolved as u64);
-    metrics::counter!(METRIC_RERESOLVED, "result" => "stub").increment(run.stubs as u64);
+    metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "resolved")
+        .increment(run.resolved as u64);
+    metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "stub").increment(run.stubs as u64);
     Ok(run)
 }
 
@@ -937,7 +917,7 @@ pub async fn run_reresolve(
             _ = cancel.cancelled() => return,
             r = reresolve_once(&pool, &creator, DEFAULT_RERESOLVE_BATCH) => r,
         };
-        metrics::counter!(METRIC_RERESOLVE_RUNS).increment(1);
+        metrics::counter!(m::RERESOLVE_RUNS_TOTAL).increment(1);
         match result {
             Ok(run) if run.due > 0 => {
                 tracing::info!(
@@ -949,7 +929,7 @@ pub async fn run_reresolve(
             }
             Ok(_) => {}
             Err(e) => {
-                metrics::counter!(METRIC_DB_ERRORS, "op" => "reresolve").increment(1);
+                metrics::counter!(m::USERS_DB_ERRORS_TOTAL, "op" => "reresolve").increment(1);
                 tracing::warn!(error = %e, "re-resolution run failed");
             }
         }
