@@ -191,4 +191,32 @@ mod tests {
             "{dbg}"
         );
     }
+
+    /// Every variable in `systemd/env.example` is one the daemon reads (a misspelt name would
+    /// be silently ignored in production).
+    #[test]
+    fn env_example_names_real_variables() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").expect("run subcommand");
+        let mut known: Vec<String> = run
+            .get_arguments()
+            .chain(cmd.get_arguments())
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        known.push("RUST_LOG".into()); // read by the tracing filter, not by clap
+        let text = include_str!("../systemd/env.example");
+        let names: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .collect();
+        assert!(names.len() > 10, "{names:?}");
+        for name in names {
+            assert!(
+                known.iter().any(|k| k == name),
+                "env.example sets {name}, which nothing reads"
+            );
+        }
+    }
 }
