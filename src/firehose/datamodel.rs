@@ -22,11 +22,8 @@ pub fn check(v: &Ipld) -> Result<(), DataModelError> {
         Ipld::Map(m) => {
             match m.get("$type") {
                 None => {}
-                Some(Ipld::String(t)) if !t.is_empty() => {
-                    if t == "blob" {
-                        check_blob(m)?;
-                    }
-                }
+                Some(Ipld::String(t)) if t == "blob" => check_blob(m)?,
+                Some(Ipld::String(t)) if !t.is_empty() => {}
                 Some(other) => {
                     return err(format!("$type must be a non-empty string, got {other:?}"))
                 }
