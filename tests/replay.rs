@@ -17,20 +17,30 @@ fn cfg() -> PipelineConfig {
     })
 }
 
-#[sqlx::test(migrations = false)]
-async fn small_replay_equals_truth_and_replays_change_nothing(pool: sqlx::PgPool) {
-    let db = common::db_config(&pool);
+/// Replays one bundled fixture to the end and returns its counters (summary printed).
+async fn replay_fixture(
+    db: &atproto_ingest::db::DbConfig,
+    name: &str,
+    cfg: PipelineConfig,
+) -> Arc<Stats> {
     let stats = Arc::new(Stats::default());
     replay(
-        &db,
-        vec![common::fixture("small.frames")],
-        cfg(),
+        db,
+        vec![common::fixture(name)],
+        cfg,
         CancellationToken::new(),
         stats.clone(),
     )
     .await
     .unwrap();
     eprintln!("{}", stats.summary());
+    stats
+}
+
+#[sqlx::test(migrations = false)]
+async fn small_replay_equals_truth_and_replays_change_nothing(pool: sqlx::PgPool) {
+    let db = common::db_config(&pool);
+    let stats = replay_fixture(&db, "small.frames", cfg()).await;
     assert_eq!(stats.skipped_total(), 0);
     assert_eq!(stats.invalid_total(), 6, "the six validate:false records");
     let truth = common::truth("small");
@@ -88,17 +98,7 @@ async fn tiny_batches_give_the_same_result(pool: sqlx::PgPool) {
 #[sqlx::test(migrations = false)]
 async fn malformed_replay_equals_clean_prefix(pool: sqlx::PgPool) {
     let db = common::db_config(&pool);
-    let stats = Arc::new(Stats::default());
-    replay(
-        &db,
-        vec![common::fixture("malformed.frames")],
-        cfg(),
-        CancellationToken::new(),
-        stats.clone(),
-    )
-    .await
-    .unwrap();
-    eprintln!("{}", stats.summary());
+    let stats = replay_fixture(&db, "malformed.frames", cfg()).await;
     for (reason, n) in [
         ("bad_header", 2),
         ("bad_body", 1),
