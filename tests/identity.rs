@@ -1,167 +1,17 @@
 //! Identity resolution against a real local HTTP server playing the PLC directory, did:web
 //! hosts and handle `.well-known` endpoints (slow, failing or lying on demand).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use atproto_ingest::identity::{
     Creation, IdentityConfig, IdentityError, Resolver, StubReason, UserCreator,
 };
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use futures_util::future::join_all;
 
-/// What the fake server answers and how it behaves.
-#[derive(Default)]
-struct Fake {
-    /// DID → (status, body) of its document.
-    docs: HashMap<String, (u16, String)>,
-    /// handle → body of its `atproto-did`.
-    handles: HashMap<String, String>,
-    /// Extra latency for one key (DID or handle).
-    delays: HashMap<String, Duration>,
-    /// Latency of every request.
-    default_delay: Duration,
-}
-
-#[derive(Default)]
-struct Shared {
-    fake: Mutex<Fake>,
-    /// Requests served, by path.
-    requests: Mutex<HashMap<String, usize>>,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-}
-
-struct InFlight<'a>(&'a Shared);
-
-impl<'a> InFlight<'a> {
-    fn enter(shared: &'a Shared, path: String) -> Self {
-        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        *shared.requests.lock().unwrap().entry(path).or_default() += 1;
-        Self(shared)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-struct Server {
-    shared: Arc<Shared>,
-    base: String,
-}
-
-impl Server {
-    async fn start() -> Self {
-        let shared = Arc::new(Shared::default());
-        let app = Router::new()
-            .route("/plc/{did}", get(plc))
-            .route("/web/{host}/.well-known/did.json", get(web))
-            .route("/handle/{handle}/.well-known/atproto-did", get(handle))
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { shared, base }
-    }
-
-    fn config(&self) -> IdentityConfig {
-        IdentityConfig {
-            plc_url: format!("{}/plc", self.base),
-            did_web_url_template: format!("{}/web/{{host}}/.well-known/did.json", self.base),
-            handle_http_url_template: format!(
-                "{}/handle/{{handle}}/.well-known/atproto-did",
-                self.base
-            ),
-            dns_txt: false,
-            ..IdentityConfig::default()
-        }
-    }
-
-    fn fake(&self) -> std::sync::MutexGuard<'_, Fake> {
-        self.shared.fake.lock().unwrap()
-    }
-
-    /// A DID whose document claims `handle`, and (if `proves`) a handle pointing back.
-    fn account(&self, did: &str, handle: &str, proves: bool) {
-        let mut fake = self.fake();
-        fake.docs.insert(did.into(), (200, doc(did, handle)));
-        if proves {
-            fake.handles.insert(handle.into(), did.into());
-        }
-    }
-
-    fn requests(&self, path: &str) -> usize {
-        let requests = self.shared.requests.lock().unwrap();
-        requests.get(path).copied().unwrap_or(0)
-    }
-
-    fn total_requests(&self) -> usize {
-        self.shared.requests.lock().unwrap().values().sum()
-    }
-}
-
-fn doc(did: &str, handle: &str) -> String {
-    serde_json::json!({
-        "@context": ["https://www.w3.org/ns/did/v1"],
-        "id": did,
-        "alsoKnownAs": [format!("at://{handle}")],
-        "verificationMethod": [{
-            "id": format!("{did}#atproto"),
-            "type": "Multikey",
-            "controller": did,
-            "publicKeyMultibase": format!("zKey{}", handle.len()),
-        }],
-        "service": [{
-            "id": "#atproto_pds",
-            "type": "AtprotoPersonalDataServer",
-            "serviceEndpoint": format!("https://pds.{handle}"),
-        }],
-    })
-    .to_string()
-}
-
-async fn serve(shared: &Shared, path: String, key: &str) -> Option<(u16, String)> {
-    let _guard = InFlight::enter(shared, path);
-    let delay = {
-        let fake = shared.fake.lock().unwrap();
-        fake.delays.get(key).copied().unwrap_or(fake.default_delay)
-    };
-    tokio::time::sleep(delay).await;
-    let fake = shared.fake.lock().unwrap();
-    fake.docs
-        .get(key)
-        .cloned()
-        .or_else(|| fake.handles.get(key).map(|did| (200, did.clone())))
-}
-
-fn reply(found: Option<(u16, String)>) -> (StatusCode, String) {
-    match found {
-        Some((status, body)) => (StatusCode::from_u16(status).unwrap(), body),
-        None => (StatusCode::NOT_FOUND, String::new()),
-    }
-}
-
-async fn plc(State(s): State<Arc<Shared>>, Path(did): Path<String>) -> (StatusCode, String) {
-    reply(serve(&s, format!("/plc/{did}"), &did).await)
-}
-
-async fn web(State(s): State<Arc<Shared>>, Path(host): Path<String>) -> (StatusCode, String) {
-    let did = format!("did:web:{host}");
-    reply(serve(&s, format!("/web/{host}"), &did).await)
-}
-
-async fn handle(State(s): State<Arc<Shared>>, Path(h): Path<String>) -> (StatusCode, String) {
-    reply(serve(&s, format!("/handle/{h}"), &h).await)
-}
+use common::fake_identity::{doc, Server};
 
 fn did(n: usize) -> String {
     format!("did:plc:user{n:04}aaaaaaaaaaaaaaaaa")
@@ -184,7 +34,7 @@ async fn extracts_identity_and_flags_handles_that_do_not_point_back() {
         alice.pds_endpoint.as_deref(),
         Some("https://pds.alice.example.com")
     );
-    assert_eq!(alice.signing_key.as_deref(), Some("zKey17"));
+    assert_eq!(alice.signing_key.as_deref(), Some("zKey-alice.example.com"));
 
     let mallory = resolver.resolve("did:plc:mallory").await.unwrap();
     assert_eq!(mallory.handle.as_deref(), Some("bob.example.com"), "kept");

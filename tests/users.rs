@@ -5,8 +5,8 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
@@ -16,155 +16,41 @@ use atproto_ingest::pipeline::users::{run_reresolve, UsersConfig};
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use atproto_ingest::replay::replay;
 use atproto_ingest::writer::CursorKey;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
+use common::fake_identity::Server;
 use tokio_util::sync::CancellationToken;
 
 /// How the fake PLC answers one DID.
 #[derive(Clone, Copy)]
 enum Doc {
-    Ok,
     NotFound,
     Fail,
 }
 
-#[derive(Default)]
-struct Fake {
-    /// DID → (answer, handle in its document).
-    dids: HashMap<String, (Doc, String)>,
-    /// handle → DID (the handle's `atproto-did`).
-    handles: HashMap<String, String>,
-    delays: HashMap<String, Duration>,
-    default_delay: Duration,
-}
-
-#[derive(Default)]
-struct Shared {
-    fake: Mutex<Fake>,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-    requests: AtomicUsize,
-}
-
-struct InFlight<'a>(&'a Shared);
-
-impl<'a> InFlight<'a> {
-    fn enter(shared: &'a Shared) -> Self {
-        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        shared.requests.fetch_add(1, Ordering::SeqCst);
-        Self(shared)
+/// Serves a document for every DID of `fx` (handle = the truth's, pointing back), `special`
+/// ones answering otherwise.
+async fn start(fx: &Fixture, special: &[(&str, Doc)]) -> Server {
+    let server = Server::start().await;
+    for (did, handle) in &fx.handles {
+        server.account(did, handle, true);
     }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let mut fake = server.fake();
+    for (did, answer) in special {
+        match answer {
+            Doc::NotFound => fake.docs.remove(*did),
+            Doc::Fail => fake.docs.insert((*did).to_owned(), (500, String::new())),
+        };
     }
+    drop(fake);
+    server
 }
 
-struct Server {
-    shared: Arc<Shared>,
-    base: String,
-}
-
-impl Server {
-    /// Serves a document for every DID of `fixture` (handle = the truth's), `special` ones
-    /// answering otherwise.
-    async fn start(fx: &Fixture, special: &[(&str, Doc)]) -> Self {
-        let shared = Arc::new(Shared::default());
-        {
-            let mut fake = shared.fake.lock().unwrap();
-            for (did, handle) in &fx.handles {
-                fake.dids.insert(did.clone(), (Doc::Ok, handle.clone()));
-                fake.handles.insert(handle.clone(), did.clone());
-            }
-            for (did, doc) in special {
-                if let Some(entry) = fake.dids.get_mut(*did) {
-                    entry.0 = *doc;
-                }
-            }
-        }
-        let app = Router::new()
-            .route("/plc/{did}", get(plc))
-            .route("/handle/{handle}/.well-known/atproto-did", get(handle))
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { shared, base }
-    }
-
-    fn identity(&self, permits: usize, timeout: Duration) -> IdentityConfig {
-        IdentityConfig {
-            resolve_identities: true,
-            plc_url: format!("{}/plc", self.base),
-            handle_http_url_template: format!(
-                "{}/handle/{{handle}}/.well-known/atproto-did",
-                self.base
-            ),
-            dns_txt: false,
-            concurrency: permits,
-            timeout,
-            ..IdentityConfig::default()
-        }
-    }
-
-    fn fake(&self) -> std::sync::MutexGuard<'_, Fake> {
-        self.shared.fake.lock().unwrap()
-    }
-
-    fn max_in_flight(&self) -> usize {
-        self.shared.max_in_flight.load(Ordering::SeqCst)
-    }
-}
-
-fn doc_json(did: &str, handle: &str) -> String {
-    serde_json::json!({
-        "id": did,
-        "alsoKnownAs": [format!("at://{handle}")],
-        "verificationMethod": [{
-            "id": format!("{did}#atproto"),
-            "type": "Multikey",
-            "controller": did,
-            "publicKeyMultibase": format!("zKey-{handle}"),
-        }],
-        "service": [{
-            "id": "#atproto_pds",
-            "type": "AtprotoPersonalDataServer",
-            "serviceEndpoint": format!("https://pds.{handle}"),
-        }],
-    })
-    .to_string()
-}
-
-async fn delay(shared: &Shared, key: &str) {
-    let d = {
-        let fake = shared.fake.lock().unwrap();
-        fake.delays.get(key).copied().unwrap_or(fake.default_delay)
-    };
-    tokio::time::sleep(d).await;
-}
-
-async fn plc(State(s): State<Arc<Shared>>, Path(did): Path<String>) -> (StatusCode, String) {
-    let _g = InFlight::enter(&s);
-    delay(&s, &did).await;
-    let found = s.fake.lock().unwrap().dids.get(&did).cloned();
-    match found {
-        Some((Doc::Ok, handle)) => (StatusCode::OK, doc_json(&did, &handle)),
-        Some((Doc::Fail, _)) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
-        Some((Doc::NotFound, _)) | None => (StatusCode::NOT_FOUND, String::new()),
-    }
-}
-
-async fn handle(State(s): State<Arc<Shared>>, Path(h): Path<String>) -> (StatusCode, String) {
-    let _g = InFlight::enter(&s);
-    delay(&s, &h).await;
-    match s.fake.lock().unwrap().handles.get(&h) {
-        Some(did) => (StatusCode::OK, did.clone()),
-        None => (StatusCode::NOT_FOUND, String::new()),
+/// The identity settings of a replay that resolves through `server`.
+fn identity(server: &Server, permits: usize, timeout: Duration) -> IdentityConfig {
+    IdentityConfig {
+        resolve_identities: true,
+        concurrency: permits,
+        timeout,
+        ..server.config()
     }
 }
 
@@ -265,7 +151,7 @@ async fn actors(pool: &sqlx::PgPool) -> BTreeMap<String, ActorRow> {
 fn users_cfg(server: &Server, permits: usize, timeout: Duration, p: PendingConfig) -> UsersConfig {
     UsersConfig {
         pending: p,
-        ..UsersConfig::resolving(server.identity(permits, timeout))
+        ..UsersConfig::resolving(identity(&server, permits, timeout))
     }
 }
 
@@ -275,7 +161,7 @@ async fn resolving_replay_equals_truth_and_fills_identities(pool: sqlx::PgPool) 
     let fx = small();
     let missing: Vec<&str> = fx.order.iter().take(3).map(|(d, ..)| d.as_str()).collect();
     let special: Vec<(&str, Doc)> = missing.iter().map(|d| (*d, Doc::NotFound)).collect();
-    let server = Server::start(&fx, &special).await;
+    let server = start(&fx, &special).await;
     server.fake().default_delay = Duration::from_millis(5);
     // Bounds large enough that no DID is released early: every user is resolved first.
     let roomy = PendingConfig {
@@ -323,7 +209,7 @@ async fn resolving_replay_equals_truth_and_fills_identities(pool: sqlx::PgPool) 
     }
 
     // A second replay: every DID is known in the database, no user is created again.
-    let before = server.shared.requests.load(Ordering::SeqCst);
+    let before = server.total_requests();
     let again = run_replay(
         &pool,
         cfg(users_cfg(
@@ -335,7 +221,7 @@ async fn resolving_replay_equals_truth_and_fills_identities(pool: sqlx::PgPool) 
     )
     .await;
     // Only the replayed `#identity` events refresh (document + handle each).
-    let requests = server.shared.requests.load(Ordering::SeqCst) - before;
+    let requests = server.total_requests() - before;
     let refreshes = again.users.refreshes.load(Ordering::Relaxed) as usize;
     assert!(
         requests <= 2 * refreshes,
@@ -353,9 +239,9 @@ async fn resolving_replay_equals_truth_and_fills_identities(pool: sqlx::PgPool) 
 #[sqlx::test(migrations = false)]
 async fn tiny_bounds_and_a_slow_plc_still_equal_the_truth(pool: sqlx::PgPool) {
     let fx = small();
-    let server = Server::start(&fx, &[]).await;
+    let server = start(&fx, &[]).await;
     server.fake().default_delay = Duration::from_millis(60);
-    let identity = server.identity(2, Duration::from_secs(5));
+    let identity = identity(&server, 2, Duration::from_secs(5));
     let creator = UserCreator::new(identity.clone()).unwrap();
     let c = UsersConfig {
         // New accounts start with 4 events (#identity, #account, #sync, a commit) 4 seqs
@@ -430,7 +316,7 @@ async fn slow_or_failing_dids_never_stall_the_others(pool: sqlx::PgPool) {
         .take(5)
         .collect();
     let special: Vec<(&str, Doc)> = failing.iter().map(|d| (*d, Doc::Fail)).collect();
-    let server = Server::start(&fx, &special).await;
+    let server = start(&fx, &special).await;
     server
         .fake()
         .delays
@@ -494,7 +380,7 @@ async fn killed_while_ops_are_pending_loses_nothing(pool: sqlx::PgPool) {
     let fx = small();
     // A DID first seen mid-file, so batches before it carry a cursor.
     let (hung, first_seq, hung_events) = fx.order.iter().find(|o| o.1 > 200).unwrap().clone();
-    let server = Server::start(&fx, &[]).await;
+    let server = start(&fx, &[]).await;
     server
         .fake()
         .delays

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: per-test databases and the fixtures' truth.
 #![allow(dead_code)]
 
+pub mod fake_identity;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
