@@ -151,7 +151,7 @@ async fn actors(pool: &sqlx::PgPool) -> BTreeMap<String, ActorRow> {
 fn users_cfg(server: &Server, permits: usize, timeout: Duration, p: PendingConfig) -> UsersConfig {
     UsersConfig {
         pending: p,
-        ..UsersConfig::resolving(identity(&server, permits, timeout))
+        ..UsersConfig::resolving(identity(server, permits, timeout))
     }
 }
 

@@ -12,6 +12,16 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+impl Event {
+    /// What the event weighs in a batch: a commit's op count (at least 1), else 1.
+    pub fn weight(&self) -> usize {
+        match &self.kind {
+            EventKind::Commit(c) => c.ops.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
 // Commits are most of the traffic, so boxing them would cost an allocation on the common path
 // for no gain: events move through channels inside `Vec`s, never by the million on the stack.
 #[allow(clippy::large_enum_variant)]

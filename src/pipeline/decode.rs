@@ -37,30 +37,16 @@ pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
         ..DecodedChunk::default()
     };
     for raw in frames {
-        out.counts.frames += 1;
+        out.counts.tally.frames += 1;
         let result = match raw {
             RawFrame::Message(m) => frame::decode(&m),
             RawFrame::Oversized { len } => Err(FrameError::Oversized(len)),
         };
         match result {
             Ok(d) => {
-                if d.non_canonical {
-                    out.counts.non_canonical += 1;
-                }
-                let ty = d.event.kind.type_name();
-                *out.counts.events.entry(ty).or_default() += 1;
+                out.counts.tally.add_event(&d);
                 match &d.event.kind {
-                    EventKind::Commit(c) => {
-                        if c.too_big {
-                            out.counts.too_big += 1;
-                        }
-                        for op in &c.ops {
-                            *out.counts
-                                .ops
-                                .entry((op.action.as_str(), op.collection.clone()))
-                                .or_default() += 1;
-                        }
-                    }
+                    EventKind::Commit(c) if c.too_big => out.counts.too_big += 1,
                     EventKind::Info { name, message } => {
                         tracing::warn!(name = %name, message = ?message, "relay sent #info");
                     }
@@ -74,7 +60,7 @@ pub fn decode_chunk(frames: Vec<RawFrame>) -> DecodedChunk {
             Err(e) => {
                 let reason = e.reason();
                 log_once(reason, &e);
-                *out.counts.skipped.entry(reason).or_default() += 1;
+                out.counts.tally.add_skipped(reason);
             }
         }
     }

@@ -293,10 +293,7 @@ async fn batch_stage(
             Some(Some(chunk)) => {
                 let mut events = chunk.events.into_iter();
                 while let Some(ev) = events.next() {
-                    ops += match &ev.kind {
-                        crate::firehose::EventKind::Commit(c) => c.ops.len().max(1),
-                        _ => 1,
-                    };
+                    ops += ev.weight();
                     batch.push(ev);
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_age);
                     if ops >= max_ops {

@@ -14,11 +14,8 @@ use crate::writer::{Applied, Batch};
 /// Counts of one decoded chunk, merged into [`Stats`] at once (one lock per chunk).
 #[derive(Debug, Default)]
 pub struct ChunkCounts {
-    pub frames: u64,
-    pub events: BTreeMap<&'static str, u64>,
-    pub ops: BTreeMap<(&'static str, String), u64>,
-    pub skipped: BTreeMap<&'static str, u64>,
-    pub non_canonical: u64,
+    /// What the decoder saw: frames, events by type, ops, skipped frames (shared with `inspect`).
+    pub tally: crate::stats::Tally,
     /// `tooBig` commits.
     pub too_big: u64,
     pub decode_micros: u64,
@@ -94,28 +91,29 @@ impl Stats {
     }
 
     pub fn add_chunk(&self, c: &ChunkCounts) {
-        self.frames.fetch_add(c.frames, Ordering::Relaxed);
+        let t = &c.tally;
+        self.frames.fetch_add(t.frames, Ordering::Relaxed);
         self.non_canonical
-            .fetch_add(c.non_canonical, Ordering::Relaxed);
+            .fetch_add(t.non_canonical, Ordering::Relaxed);
         self.decode_micros
             .fetch_add(c.decode_micros, Ordering::Relaxed);
-        for (ty, n) in &c.events {
+        for (ty, n) in &t.events_by_type {
             metrics::counter!(m::EVENTS_TOTAL, "type" => *ty).increment(*n);
         }
-        for ((action, coll), n) in &c.ops {
+        for ((action, coll), n) in &t.ops {
             metrics::counter!(m::OPS_TOTAL, "action" => *action, "collection" => m::collection_label(coll))
                 .increment(*n);
         }
-        for (reason, n) in &c.skipped {
+        for (reason, n) in &t.skipped {
             metrics::counter!(m::FRAMES_MALFORMED_TOTAL, "reason" => *reason).increment(*n);
         }
         if c.too_big > 0 {
             metrics::counter!(m::COMMITS_TOO_BIG_TOTAL).increment(c.too_big);
         }
-        let mut t = self.tables();
-        add(&mut t.events, &c.events);
-        add(&mut t.ops, &c.ops);
-        add(&mut t.skipped, &c.skipped);
+        let mut tables = self.tables();
+        add(&mut tables.events, &t.events_by_type);
+        add(&mut tables.ops, &t.ops);
+        add(&mut tables.skipped, &t.skipped);
     }
 
     /// Merges a committed batch: `applied` is what its transaction did, `flush` the time from

@@ -55,13 +55,7 @@ impl Batch {
 
     /// Ops in the batch (the batch size that matters to the database).
     pub fn ops(&self) -> usize {
-        self.events
-            .iter()
-            .map(|e| match &e.kind {
-                crate::firehose::EventKind::Commit(c) => c.ops.len().max(1),
-                _ => 1,
-            })
-            .sum()
+        self.events.iter().map(Event::weight).sum()
     }
 }
 
