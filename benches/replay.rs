@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::db::DbConfig;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
-use atproto_ingest::writer::CursorKey;
 use tokio_util::sync::CancellationToken;
 
 fn corpus() -> Option<PathBuf> {

@@ -18,7 +18,7 @@
 //! - The claim (`fence = F WHERE fence < F`) is the serialisation point: once it committed, every
 //!   batch of an older leader fails its cursor update (`WriteError::Fenced`) and rolls back.
 //!   The resume cursor is the one the claim returned, read under the same row lock.
-//! - `seq = -1` ([`NO_CURSOR`]) in `firehose_cursor` means "fence claimed, nothing applied yet";
+//! - `seq = -1` ([`cursor::NO_CURSOR`]) in `firehose_cursor` means "fence claimed, nothing applied yet";
 //!   the client then live-tails.
 //! - Lease lost: the term's tasks are aborted at once (no drain; an open transaction rolls
 //!   back) and the instance becomes a standby.
@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{check, BatchArgs, ConfigError, DbArgs};
+use crate::cursor::{self, Claim, CursorError, CursorKey};
 use crate::db::{self, redact_url, DbConfig, DbError};
 use crate::firehose::client::{self, ClientConfig, ClientError};
 use crate::http::{self, Health, HttpError, HttpState, Role};
@@ -54,10 +55,8 @@ use crate::pipeline::users::{self, UsersError};
 use crate::pipeline::{self, Input, PipelineConfig, PipelineError, Stats, UsersArgs};
 use crate::pool_monitor::{self, PoolMonitor};
 use crate::txn::TxError;
-use crate::writer::{CursorKey, WriteError};
+use crate::writer::WriteError;
 
-/// `firehose_cursor.seq` of a row whose fence is claimed but which covers no event yet.
-pub const NO_CURSOR: i64 = -1;
 /// Default graceful-stop limit: well inside systemd's stop timeout (`TimeoutStopSec=30`), long
 /// enough to flush a full batch on a busy database.
 pub const DEFAULT_DRAIN_LIMIT: Duration = Duration::from_secs(20);
@@ -377,8 +376,8 @@ pub enum AppError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Http(#[from] HttpError),
-    #[error("claiming the fence in firehose_cursor: {0}")]
-    Claim(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("drain limit of {limit:?} passed; aborted: {pending}")]
@@ -405,73 +404,6 @@ pub fn relay_service(relay_url: &str) -> Result<String, ClientError> {
         return Err(bad("missing host"));
     }
     Ok(host.to_ascii_lowercase())
-}
-
-/// What `status` needs from `firehose_cursor`.
-#[derive(Debug, Clone)]
-pub struct CursorRow {
-    pub service: String,
-    /// `None` for [`NO_CURSOR`].
-    pub seq: Option<i64>,
-    pub fence: i64,
-    pub updated_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// All rows of `firehose_cursor`.
-pub async fn cursors(pool: &Pool) -> Result<Vec<CursorRow>, AppError> {
-    let client = pool.get().await.map_err(DbError::from)?;
-    let rows = client
-        .query(
-            "SELECT service, seq, fence, updated_at FROM firehose_cursor ORDER BY service",
-            &[],
-        )
-        .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let seq: i64 = r.try_get(1)?;
-        out.push(CursorRow {
-            service: r.try_get(0)?,
-            seq: (seq > 0).then_some(seq),
-            fence: r.try_get(2)?,
-            updated_at: r.try_get(3)?,
-        });
-    }
-    Ok(out)
-}
-
-/// Outcome of claiming a fence.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Claim {
-    /// Ours; resume after this seq (`None`: no cursor yet, live tail).
-    Claimed(Option<i64>),
-    /// The database already holds this fence or a larger one.
-    Behind { db_fence: i64 },
-}
-
-/// Records `fence` as the newest in `firehose_cursor` for `service`, unless a fence at least as
-/// large is there. Returns the durable cursor read under the same row lock.
-pub async fn claim_fence(pool: &Pool, service: &str, fence: i64) -> Result<Claim, AppError> {
-    let client = pool.get().await.map_err(DbError::from)?;
-    let row = client
-        .query_opt(
-            "INSERT INTO firehose_cursor AS c (service, seq, fence) VALUES ($1, $2, $3) \
-             ON CONFLICT (service) DO UPDATE SET fence = excluded.fence \
-             WHERE c.fence < excluded.fence RETURNING seq",
-            &[&service, &NO_CURSOR, &fence],
-        )
-        .await?;
-    if let Some(r) = row {
-        let seq: i64 = r.try_get(0)?;
-        return Ok(Claim::Claimed((seq > 0).then_some(seq)));
-    }
-    let db_fence: i64 = client
-        .query_one(
-            "SELECT fence FROM firehose_cursor WHERE service = $1",
-            &[&service],
-        )
-        .await?
-        .try_get(0)?;
-    Ok(Claim::Behind { db_fence })
 }
 
 /// Role and readiness as seen by `/readyz` and systemd; every transition is logged once.
@@ -676,7 +608,7 @@ async fn lead(
             }
         };
         let fence = leadership.fence;
-        let resume = match claim_fence(pool, service, fence).await {
+        let resume = match cursor::claim_fence(pool, service, fence).await {
             Ok(Claim::Claimed(seq)) => seq,
             Ok(Claim::Behind { db_fence }) => {
                 // Redis' fence counter is behind the database (Redis lost its data?), or a
@@ -699,7 +631,7 @@ async fn lead(
             }
             Err(e) => {
                 release(leadership, RELEASE_LIMIT).await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         life.leader(fence, resume);

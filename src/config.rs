@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
+use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig};
 use crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES;
 use crate::pipeline::{self, PipelineConfig};
 use crate::txn::{self, RetryPolicy};
-use crate::writer::CursorKey;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {flag} (env {env}) {problem}, got {value:?}")]

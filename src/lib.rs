@@ -37,6 +37,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod cursor;
 pub mod db;
 pub mod firehose;
 pub mod http;

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig, DbError};
 use crate::pipeline::{self, Input, PipelineConfig, PipelineError, Stats};
-use crate::writer::CursorKey;
 
 /// `firehose_cursor.service` of fixture replays (the live relay uses its host name).
 pub const REPLAY_SERVICE: &str = "replay";

@@ -7,8 +7,9 @@ use std::io::Write;
 
 use chrono::{DateTime, Utc};
 
-use crate::app::{self, AppError, CursorRow};
+use crate::app::AppError;
 use crate::config::{check, DbArgs};
+use crate::cursor::{self, CursorRow};
 use crate::db::{self, redact_url};
 use crate::leader::{self, Elector, LeaderConfig, LeaseInfo};
 
@@ -63,7 +64,7 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
     let mut small = db_cfg.clone();
     small.pool_size = 1;
     let pool = db::connect(&small).await?;
-    let cursors = app::cursors(&pool).await?;
+    let cursors = cursor::cursors(&pool).await.map_err(AppError::from)?;
     let leader = match Elector::connect(LeaderConfig {
         redis_url: opts.redis_url.clone(),
         key_prefix: opts.leader_key_prefix.clone(),

@@ -7,7 +7,8 @@ mod live_common;
 
 use std::time::Duration;
 
-use atproto_ingest::app::{self, Claim};
+use atproto_ingest::app;
+use atproto_ingest::cursor::{self, Claim};
 use atproto_ingest::testrelay::{TestRelay, TestRelayConfig};
 use live_common::{app_config, cursor, service, wait_cursor, LAST_SEQ};
 use redis::AsyncCommands;
@@ -90,13 +91,13 @@ async fn a_fenced_out_leader_cannot_commit_and_steps_down(pool: sqlx::PgPool) {
     let newer: i64 = redis.incr(format!("{prefix}fence"), 1).await.unwrap();
     assert_eq!(newer, fence_a + 1);
     let dp = atproto_ingest::db::connect(&cfg.db).await.unwrap();
-    let claimed = app::claim_fence(&dp, &svc, newer).await.unwrap();
+    let claimed = cursor::claim_fence(&dp, &svc, newer).await.unwrap();
     let Claim::Claimed(Some(at_claim)) = claimed else {
         panic!("claim: {claimed:?}")
     };
     // An older fence can no longer claim.
     assert_eq!(
-        app::claim_fence(&dp, &svc, fence_a).await.unwrap(),
+        cursor::claim_fence(&dp, &svc, fence_a).await.unwrap(),
         Claim::Behind { db_fence: newer }
     );
     // While the newer fence is the last writer, A's batches are refused: the cursor stays put.

@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::http::{self, Health, HttpState};
 use atproto_ingest::metrics as m;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use atproto_ingest::replay::replay;
-use atproto_ingest::writer::CursorKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 

@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::Arc;
 
+use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use atproto_ingest::replay::replay;
-use atproto_ingest::writer::CursorKey;
 use tokio_util::sync::CancellationToken;
 
 fn cfg() -> PipelineConfig {

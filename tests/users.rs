@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
 use atproto_ingest::identity::{IdentityConfig, UserCreator};
 use atproto_ingest::pending::PendingConfig;
 use atproto_ingest::pipeline::users::{run_reresolve, UsersConfig};
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use atproto_ingest::replay::replay;
-use atproto_ingest::writer::CursorKey;
 use common::fake_identity::Server;
 use tokio_util::sync::CancellationToken;
 

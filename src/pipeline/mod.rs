@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::cursor::{self, CursorKey};
 use crate::firehose::fixture::{self, FrameReader, RawFrame};
 use crate::txn::{self, RetryPolicy, TxError};
-use crate::writer::{self, Batch, CursorKey, WriteError};
+use crate::writer::{self, Batch, WriteError};
 pub use decode::DecodedChunk;
 pub use stats::Stats;
 pub use users::{UsersArgs, UsersConfig};
@@ -298,7 +299,7 @@ async fn batch_stage(
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_age);
                     if ops >= max_ops {
                         batch.watermark =
-                            users::watermark_before(chunk.watermark, events.as_slice());
+                            cursor::watermark_before(chunk.watermark, events.as_slice());
                         if tx.send(std::mem::take(&mut batch)).await.is_err() {
                             return;
                         }

@@ -312,17 +312,6 @@ impl Default for UsersStats {
     }
 }
 
-/// The watermark of a batch cut inside a chunk: the chunk's events not batched yet (`rest`)
-/// must stay above the cursor. `None` when the chunk carries none (stage off).
-pub(crate) fn watermark_before(chunk_watermark: Option<i64>, rest: &[Event]) -> Option<i64> {
-    chunk_watermark.map(|w| {
-        rest.iter()
-            .filter(|e| e.seq > 0)
-            .map(|e| e.seq - 1)
-            .fold(w, i64::min)
-    })
-}
-
 /// Starts the users stage on `rx`; returns the channel the batcher reads and the task.
 /// `creator` is `None` when resolution is off: then chunks pass through untouched.
 pub(crate) fn spawn(
@@ -940,24 +929,6 @@ pub async fn run_reresolve(
 mod tests {
     use super::*;
     use clap::Parser;
-
-    fn ev(seq: i64) -> Event {
-        Event {
-            seq,
-            kind: EventKind::Info {
-                name: "x".into(),
-                message: None,
-            },
-        }
-    }
-
-    #[test]
-    fn a_cut_inside_a_chunk_keeps_unbatched_events_above_the_cursor() {
-        assert_eq!(watermark_before(None, &[ev(5)]), None);
-        assert_eq!(watermark_before(Some(10), &[]), Some(10));
-        assert_eq!(watermark_before(Some(10), &[ev(8), ev(3), ev(0)]), Some(2));
-        assert_eq!(watermark_before(Some(1), &[ev(8)]), Some(1));
-    }
 
     #[derive(Parser)]
     struct Cli {

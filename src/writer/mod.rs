@@ -11,6 +11,7 @@ use chrono::Utc;
 use deadpool_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
+use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use crate::mapping::{Row, Table};
 use derived::{Derived, Removed};
@@ -23,6 +24,15 @@ pub enum WriteError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("fenced out: a newer leader (fence > {fence}) has written cursor {service:?}")]
     Fenced { service: String, fence: i64 },
+}
+
+impl From<WriteCursorError> for WriteError {
+    fn from(e: WriteCursorError) -> Self {
+        match e {
+            WriteCursorError::Db(e) => Self::Postgres(e),
+            WriteCursorError::Fenced { service, fence } => Self::Fenced { service, fence },
+        }
+    }
 }
 
 /// A run of consecutive events, applied atomically with the cursor.
@@ -44,9 +54,9 @@ impl Batch {
         self.events.push(ev);
     }
 
-    /// The cursor this batch writes: the watermark if the users stage set one, else `last_seq`.
+    /// The cursor this batch writes ([`cursor::batch_cursor`]).
     pub fn cursor(&self) -> Option<i64> {
-        self.watermark.or(self.last_seq)
+        cursor::batch_cursor(self.watermark, self.last_seq)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -57,15 +67,6 @@ impl Batch {
     pub fn ops(&self) -> usize {
         self.events.iter().map(Event::weight).sum()
     }
-}
-
-/// Where the cursor goes and with which fencing token.
-#[derive(Debug, Clone)]
-pub struct CursorKey {
-    /// `firehose_cursor.service`: the relay host for `run`, `replay` for fixtures.
-    pub service: String,
-    /// Fencing token of the lease holder (0 when there is no election, e.g. replay).
-    pub fence: i64,
 }
 
 /// What one batch did.
@@ -90,7 +91,7 @@ impl Applied {
 pub async fn apply(
     tx: &Transaction<'_>,
     batch: &Batch,
-    cursor: &CursorKey,
+    key: &CursorKey,
 ) -> Result<Applied, WriteError> {
     let dids = plan::dids_of(&batch.events);
     let t0 = std::time::Instant::now();
@@ -137,7 +138,7 @@ pub async fn apply(
     write_derived(tx, &derived, &mut applied).await?;
     if let Some(seq) = batch.cursor() {
         let t0 = std::time::Instant::now();
-        applied.cursor = Some(write_cursor(tx, cursor, seq).await?);
+        applied.cursor = Some(cursor::write(tx, key, seq).await?);
         applied.timed("cursor", t0);
     }
     applied.stats = plan.stats;
@@ -430,25 +431,4 @@ async fn write_actors(tx: &Transaction<'_>, plan: &Plan) -> Result<(), WriteErro
     )
     .await?;
     Ok(())
-}
-
-/// Writes the cursor unless a newer fencing token already has (§7).
-async fn write_cursor(tx: &Transaction<'_>, key: &CursorKey, seq: i64) -> Result<i64, WriteError> {
-    // Never moves back: after a reconnect the relay re-sends events the pipeline may already
-    // hold, and a batch of those must not lower a cursor whose events are all durable.
-    let rows = query(
-        tx,
-        "INSERT INTO firehose_cursor AS c (service, seq, fence, updated_at) VALUES ($1, $2, $3, now()) \
-         ON CONFLICT (service) DO UPDATE SET seq = GREATEST(c.seq, excluded.seq), fence = excluded.fence, \
-         updated_at = now() WHERE c.fence <= excluded.fence RETURNING seq",
-        &[&key.service, &seq, &key.fence],
-    )
-    .await?;
-    match rows.first() {
-        Some(row) => Ok(row.try_get(0)?),
-        None => Err(WriteError::Fenced {
-            service: key.service.clone(),
-            fence: key.fence,
-        }),
-    }
 }
