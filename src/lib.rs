@@ -8,6 +8,9 @@
 //!                                                creation)                cursor)
 //! ```
 //!
+//! `§N` in comments cites section N of `docs/design.md`, the contract this code is written
+//! against (the cursor rule, fencing, the schema contract, who owns what).
+//!
 //! Modules, in pipeline order:
 //! - [`firehose`]: fixture files, the live relay client, frame decoding, CAR blocks, typed records.
 //! - [`pipeline`]: the stages and bounded channels between them; run statistics.
@@ -15,6 +18,7 @@
 //! - [`identity`]: DID/handle resolution with caches; user creation under a semaphore.
 //! - [`mapping`]: record → row, pure functions.
 //! - [`writer`]: batch planning (collapse, idempotency) and bulk SQL in one transaction.
+//! - [`cursor`]: the durable cursor: fence claim, cursor writes, the low-watermark rule.
 //! - [`db`]: the PostgreSQL pool, migrations, database creation; [`txn`]: retrying,
 //!   time-limited transactions.
 //! - [`replay`]: fixture files through the pipeline.

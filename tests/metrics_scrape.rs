@@ -2,6 +2,7 @@
 //! operator relies on. The Prometheus recorder is global per process: keep this test alone in
 //! its own test binary.
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;

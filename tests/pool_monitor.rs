@@ -1,6 +1,7 @@
 //! Pool monitor against a real pool of 10: WARNING at 8 in use, CRITICAL with waiters,
 //! gauges, the 100-sample ring buffer and the sampling loop.
 
+#[path = "it/common/mod.rs"]
 mod common;
 use common::deadpool;
 

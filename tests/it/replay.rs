@@ -1,7 +1,6 @@
 //! Replays the bundled fixtures into fresh databases and checks the result against the
 //! ground truth, replays again (nothing changes), and replays the malformed corpus.
-
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

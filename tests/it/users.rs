@@ -1,8 +1,7 @@
 //! The users stage end to end: fixture replays with identity resolution on, against a local
 //! HTTP server playing the PLC directory and handle hosts (slow, failing or hanging on
 //! demand), into real PostgreSQL databases, compared with the fixture's truth.
-
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;

@@ -1,7 +1,6 @@
 //! Identity resolution against a real local HTTP server playing the PLC directory, did:web
 //! hosts and handle `.well-known` endpoints (slow, failing or lying on demand).
-
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -301,7 +300,7 @@ async fn fresh_db() -> (tokio_postgres::Client, String) {
     .unwrap();
     tokio::spawn(conn);
     client
-        .batch_execute(include_str!("../migrations/20261121000001_init.sql"))
+        .batch_execute(include_str!("../../migrations/20261121000001_init.sql"))
         .await
         .unwrap();
     (client, name)

@@ -1,9 +1,7 @@
 //! `run` in-process against the test relay serving `small.frames`, real PostgreSQL and Redis:
 //! a clean live run, a relay that keeps dropping the connection, and a graceful stop followed by
 //! a restart that resumes from the durable cursor.
-
-mod common;
-mod live_common;
+use crate::{common, live_common};
 
 use std::time::Duration;
 

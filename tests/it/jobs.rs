@@ -1,6 +1,6 @@
 //! Cleanup jobs against a real database: only expired rows go, in bounded batches.
+use crate::common;
 
-mod common;
 use common::deadpool;
 
 use std::time::Duration;

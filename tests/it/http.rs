@@ -1,7 +1,7 @@
 //! HTTP surface on 127.0.0.1:0 with raw HTTP/1.1 requests: /healthz, /readyz per role and
 //! database state, /metrics, graceful shutdown.
+use crate::common;
 
-mod common;
 use common::deadpool;
 
 use std::net::SocketAddr;

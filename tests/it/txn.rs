@@ -1,7 +1,7 @@
 //! `run_tx` against the real PostgreSQL: real deadlocks, serialization failures, statement and
 //! transaction timeouts, lost connections, permanent errors, cancellation.
+use crate::common;
 
-mod common;
 use common::deadpool;
 
 use std::time::{Duration, Instant};

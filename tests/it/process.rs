@@ -2,9 +2,7 @@
 //! test relay in this process serving `small.frames` rate-limited so signals land mid-stream:
 //! SIGKILL and restart, two instances with one lease (crash and pause of the leader), SIGTERM
 //! drain and resume, and `status` after a run. Final state always equals the fixture's truth.
-
-mod common;
-mod live_common;
+use crate::{common, live_common};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

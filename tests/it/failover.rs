@@ -1,9 +1,7 @@
 //! Two `run` instances on one Redis key prefix (in-process): only the leader writes; when it
 //! crashes the standby takes over within the TTL and finishes; a leader fenced out by a newer
 //! fence cannot commit and steps down. Final state always equals the truth.
-
-mod common;
-mod live_common;
+use crate::{common, live_common};
 
 use std::time::Duration;
 

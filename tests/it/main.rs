@@ -1,0 +1,24 @@
+//! Integration tests, one binary (linked once): real PostgreSQL and Redis, a fresh database
+//! (`#[sqlx::test]`) and Redis key prefix per test, servers on 127.0.0.1 port 0.
+//!
+//! Tests that read exact values from the process-global metrics recorder live in their own
+//! binaries (`tests/metrics_scrape.rs`, `tests/pool_monitor.rs`): in-process daemons here
+//! also record into it.
+
+mod common;
+mod live_common;
+
+mod decode_fixtures;
+mod decode_props;
+mod failover;
+mod http;
+mod identity;
+mod jobs;
+mod leader;
+mod live;
+mod malformed;
+mod process;
+mod relay_client;
+mod replay;
+mod txn;
+mod users;
