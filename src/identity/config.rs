@@ -63,6 +63,11 @@ pub struct IdentityConfig {
     pub retry_base: Duration,
     /// Longest retry delay (default [`DEFAULT_RETRY_CAP`]).
     pub retry_cap: Duration,
+    /// Let DID documents, handles and PDS endpoints point at loopback, private, link-local or
+    /// multicast addresses, over plain http and across redirects to other hosts (tests, labs).
+    /// Off by default: such hosts are chosen by whoever controls an account. The PLC directory
+    /// and literal hosts of the URL templates are the operator's and always allowed.
+    pub allow_private_network: bool,
 }
 
 impl Default for IdentityConfig {
@@ -82,6 +87,7 @@ impl Default for IdentityConfig {
             handle_cache_size: DEFAULT_HANDLE_CACHE_SIZE,
             retry_base: DEFAULT_RETRY_BASE,
             retry_cap: DEFAULT_RETRY_CAP,
+            allow_private_network: false,
         }
     }
 }

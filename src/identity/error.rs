@@ -78,6 +78,15 @@ pub enum IdentityError {
     /// The whole resolution took longer than its timeout.
     #[error("identity resolution timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The URL, an address it resolved to, or a redirect is outside what may be fetched
+    /// (see `netguard`; `--allow-private-network` lifts it).
+    #[error("refused to fetch {url}: {reason}")]
+    Refused {
+        /// The URL requested.
+        url: String,
+        /// What the network guard refused.
+        reason: String,
+    },
 }
 
 impl IdentityError {
@@ -92,6 +101,7 @@ impl IdentityError {
             Self::Dns { .. } | Self::DnsSetup(_) => "dns_error",
             Self::Timeout(_) => "timeout",
             Self::ShuttingDown => "shutting_down",
+            Self::Refused { .. } => "refused",
         }
     }
 
@@ -99,7 +109,10 @@ impl IdentityError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Self::InvalidDid(_) | Self::UnsupportedDid(_) | Self::NotFound { .. }
+            Self::InvalidDid(_)
+                | Self::UnsupportedDid(_)
+                | Self::NotFound { .. }
+                | Self::Refused { .. }
         )
     }
 }

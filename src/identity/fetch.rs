@@ -1,21 +1,33 @@
 //! HTTP GET with a bounded body, and where DIDs and handles are fetched from.
 
+use super::netguard::{NetPolicy, Refused};
 use super::{IdentityConfig, IdentityError};
 use crate::firehose::syntax::is_did;
 
-/// GETs `url` and returns its body, at most `limit` bytes. 404/410 map to
+/// GETs `url` and returns its body, at most `limit` bytes, if `policy` allows the URL (the
+/// client, built by the same policy, checks addresses and redirects). 404/410 map to
 /// [`IdentityError::NotFound`] for `did` (pass the DID being resolved, or the handle).
 pub(crate) async fn get_bounded(
     client: &reqwest::Client,
+    policy: &NetPolicy,
     url: &str,
     did: &str,
     limit: usize,
 ) -> Result<Vec<u8>, IdentityError> {
-    let http = |source| IdentityError::Http {
+    let refused = |reason: &dyn std::fmt::Display| IdentityError::Refused {
         url: url.to_owned(),
-        source,
+        reason: reason.to_string(),
     };
-    let mut resp = client.get(url).send().await.map_err(http)?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| refused(&e))?;
+    policy.check_url(&parsed).map_err(|e| refused(&e))?;
+    let http = |source: reqwest::Error| match guard_refusal(&source) {
+        Some(reason) => refused(reason),
+        None => IdentityError::Http {
+            url: url.to_owned(),
+            source,
+        },
+    };
+    let mut resp = client.get(parsed).send().await.map_err(http)?;
     let status = resp.status().as_u16();
     match status {
         200..=299 => {}
@@ -47,6 +59,18 @@ pub(crate) async fn get_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// The network guard's refusal inside a client error (a resolved address or a redirect).
+fn guard_refusal(e: &reqwest::Error) -> Option<&Refused> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refused>() {
+            return Some(r);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The URL of `did`'s document: PLC directory for `did:plc`, the host's `did.json` for

@@ -5,6 +5,7 @@ use hickory_resolver::TokioResolver;
 
 use super::config::MAX_HANDLE_BODY_BYTES;
 use super::fetch::{get_bounded, handle_url};
+use super::netguard::NetPolicy;
 use super::{IdentityConfig, IdentityError};
 use crate::firehose::syntax::is_did;
 
@@ -31,6 +32,7 @@ impl HandleResolver {
     pub(crate) async fn resolve(
         &self,
         client: &reqwest::Client,
+        policy: &NetPolicy,
         config: &IdentityConfig,
         handle: &str,
     ) -> Result<Option<String>, IdentityError> {
@@ -42,7 +44,7 @@ impl HandleResolver {
                 Err(e) => dns_error = Some(e),
             }
         }
-        match http_did(client, config, handle).await {
+        match http_did(client, policy, config, handle).await {
             Ok(found) => Ok(found),
             Err(IdentityError::NotFound { .. }) => dns_error.map_or(Ok(None), Err),
             Err(e) => Err(e),
@@ -78,11 +80,12 @@ async fn txt_did(dns: &TokioResolver, handle: &str) -> Result<Option<String>, Id
 
 async fn http_did(
     client: &reqwest::Client,
+    policy: &NetPolicy,
     config: &IdentityConfig,
     handle: &str,
 ) -> Result<Option<String>, IdentityError> {
     let url = handle_url(config, handle);
-    let body = get_bounded(client, &url, handle, MAX_HANDLE_BODY_BYTES).await?;
+    let body = get_bounded(client, policy, &url, handle, MAX_HANDLE_BODY_BYTES).await?;
     let text = String::from_utf8_lossy(&body);
     let did = text.trim();
     Ok(is_did(did).then(|| did.to_owned()))

@@ -14,6 +14,7 @@ mod error;
 mod fetch;
 mod handle;
 pub mod metrics;
+mod netguard;
 mod resolver;
 mod store;
 

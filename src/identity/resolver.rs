@@ -9,6 +9,7 @@ use super::config::MAX_DOC_BYTES;
 use super::fetch::{did_document_url, get_bounded};
 use super::handle::HandleResolver;
 use super::metrics::{CACHE_DID_DOC, CACHE_HANDLE};
+use super::netguard::NetPolicy;
 use super::{DidDocument, IdentityConfig, IdentityError};
 use crate::metrics::{
     IDENTITY_HANDLE_CHECKS_TOTAL as HANDLE_CHECKS, IDENTITY_RESOLUTIONS_TOTAL as RESOLUTIONS,
@@ -35,6 +36,7 @@ pub struct Identity {
 pub struct Resolver {
     config: IdentityConfig,
     client: reqwest::Client,
+    policy: NetPolicy,
     handles: HandleResolver,
     docs: TtlCache<String, DidDocument>,
     handle_dids: TtlCache<String, Option<String>>,
@@ -43,15 +45,11 @@ pub struct Resolver {
 impl Resolver {
     /// A resolver for `config` (builds the HTTP client and, if enabled, the DNS resolver).
     pub fn new(config: IdentityConfig) -> Result<Self, IdentityError> {
-        let client = reqwest::Client::builder()
-            // Backstop only: `resolve` enforces `config.timeout` over the whole resolution.
-            .timeout(config.timeout.saturating_mul(2))
-            .connect_timeout(config.timeout)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-            .user_agent(concat!("atproto-ingest/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(IdentityError::Client)?;
+        let policy = NetPolicy::for_config(&config);
+        // `resolve` enforces `config.timeout` over the whole resolution.
+        let client = policy.client(config.timeout)?;
         Ok(Self {
+            policy,
             handles: HandleResolver::new(&config)?,
             docs: TtlCache::new(config.doc_cache_size, CACHE_DID_DOC),
             handle_dids: TtlCache::new(config.handle_cache_size, CACHE_HANDLE),
@@ -107,7 +105,7 @@ impl Resolver {
             return Ok(doc);
         }
         let url = did_document_url(&self.config, did)?;
-        let body = get_bounded(&self.client, &url, did, MAX_DOC_BYTES).await?;
+        let body = get_bounded(&self.client, &self.policy, &url, did, MAX_DOC_BYTES).await?;
         let doc = DidDocument::parse(did, &body)?;
         self.docs.insert(key, doc.clone(), self.config.doc_ttl);
         Ok(doc)
@@ -120,7 +118,11 @@ impl Resolver {
         if let Some(found) = self.handle_dids.get(&key) {
             return found;
         }
-        let found = match self.handles.resolve(&self.client, &self.config, &key).await {
+        let found = match self
+            .handles
+            .resolve(&self.client, &self.policy, &self.config, &key)
+            .await
+        {
             Ok(found) => found,
             Err(error) => {
                 debug!(handle = %key, %error, "handle did not resolve");
@@ -156,6 +158,3 @@ impl Resolver {
         (self.docs.len(), self.handle_dids.len())
     }
 }
-
-/// Redirects followed: did:web and handle hosts may redirect once or twice, never in loops.
-const MAX_REDIRECTS: usize = 3;

@@ -17,6 +17,7 @@ mod jobs;
 mod leader;
 mod live;
 mod malformed;
+mod netguard;
 mod process;
 mod relay_client;
 mod replay;
