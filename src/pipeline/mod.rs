@@ -3,16 +3,20 @@
 //! feed the same stages.
 //!
 //! ```text
-//!  source ──raw chunks──▶ decode ──decoded chunks──▶ users ──chunks + watermark──▶ batcher ──batches──▶ write
-//!  files or live          CBOR/CAR on blocking       pending-op maps,              size or age        one transaction per
-//!  messages               threads, in order          user creation                 (whichever first)  batch, cursor included
-//!  (source.rs)            (decode.rs)                (users.rs)                    (batcher.rs)       (write.rs → writer)
-//!                                                                                                      │
-//!                                                              durable cursor (watch, live client) ◀──┘
+//!  source    fixture files or live messages, in chunks              (source.rs)
+//!    │ raw chunks (queue 4)
+//!  decode    CBOR/CAR on blocking threads, order kept; bad frames   (decode.rs)
+//!    │ decoded chunks (4)    skipped, counted, logged once per run
+//!  users     a new DID's events wait in a pending-op map while its  (users.rs)
+//!    │ chunks + low watermark (4)   user is created; off: pass-through
+//!  batcher   a batch per `batch_max_ops` or `batch_max_age`         (batcher.rs)
+//!    │ batches (1)
+//!  write     one transaction per batch, its cursor included         (write.rs → writer)
+//!    └──▶ durable cursor (watch): where the live client resumes
 //! ```
 //!
-//! This file holds the configuration, the wiring and the rules of a run: [`run`] drains on
-//! cancel, and stops at once when dropped.
+//! This file holds the configuration, the wiring and the rules of a run ([`run`]): it drains
+//! on cancel, and stops without a drain when dropped.
 
 mod batcher;
 mod decode;
@@ -117,8 +121,9 @@ pub enum PipelineError {
 /// before it returns (drain), and the cursor covers exactly what was written.
 ///
 /// Dropping the returned future stops the stages at once, without a drain (a leader that
-/// lost its lease stops writing this way): the async stages are aborted, the file reader ends
-/// at its next hand-off, and the writer abandons its transaction, which rolls back.
+/// lost its lease stops writing this way): the async stage tasks are aborted, the file reader
+/// ends at its next hand-off, and the writer abandons its transaction, which rolls back, and
+/// starts no other. (User creations the users stage spawned are not tied to its task yet.)
 pub async fn run(
     pool: Pool,
     cfg: PipelineConfig,
