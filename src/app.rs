@@ -746,7 +746,6 @@ async fn term(ctx: &TermCtx<'_>, leadership: &Leadership, resume: Option<i64>) -
         service: ctx.service.to_owned(),
         fence: leadership.fence,
     };
-    pcfg.durable = Some(cursor_tx);
     let mut tasks: Tasks<TaskOut> = Tasks::new();
     let client_run = client::run(
         cfg.relay.clone(),
@@ -761,6 +760,10 @@ async fn term(ctx: &TermCtx<'_>, leadership: &Leadership, resume: Option<i64>) -
     let pipeline_run = pipeline::run(
         ctx.pool.clone(),
         pcfg,
+        pipeline::PipelineHandles {
+            durable: Some(cursor_tx),
+            creator: ctx.creator.cloned(),
+        },
         Input::Live(frames_rx),
         term.clone(),
         ctx.stats.clone(),

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig, DbError};
-use crate::pipeline::{self, Input, PipelineConfig, PipelineError, Stats};
+use crate::pipeline::{self, Input, PipelineConfig, PipelineError, PipelineHandles, Stats};
 
 /// `firehose_cursor.service` of fixture replays (the live relay uses its host name).
 pub const REPLAY_SERVICE: &str = "replay";
@@ -45,7 +45,8 @@ pub async fn replay(
         service: REPLAY_SERVICE.to_owned(),
         fence: 0,
     };
-    pipeline::run(pool, cfg, Input::Files(files), cancel, stats).await?;
+    let handles = PipelineHandles::default();
+    pipeline::run(pool, cfg, handles, Input::Files(files), cancel, stats).await?;
     Ok(())
 }
 

@@ -69,15 +69,6 @@ impl Tally {
     pub fn skipped_total(&self) -> u64 {
         self.skipped.values().sum()
     }
-
-    /// Invalid records of one collection, all rejection kinds together.
-    pub fn invalid_in(&self, collection: &str) -> u64 {
-        self.invalid
-            .iter()
-            .filter(|((c, _), _)| c == collection)
-            .map(|(_, n)| n)
-            .sum()
-    }
 }
 
 impl fmt::Display for Tally {

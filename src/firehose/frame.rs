@@ -55,20 +55,6 @@ impl FrameError {
             Self::Car(_) => "bad_car",
         }
     }
-
-    /// Every reason label, for pre-registering metrics and summaries.
-    pub const REASONS: &'static [&'static str] = &[
-        "empty",
-        "oversized",
-        "bad_header",
-        "non_canonical",
-        "body_missing",
-        "bad_body",
-        "trailing_data",
-        "unknown_op",
-        "unknown_type",
-        "bad_car",
-    ];
 }
 
 /// A decoded frame plus facts about how it was encoded.

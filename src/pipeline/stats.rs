@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::batcher::Batch;
 use crate::metrics as m;
 use crate::writer::plan::PlanStats;
-use crate::writer::{Applied, Batch};
+use crate::writer::Applied;
 
 /// Counts of one decoded chunk, merged into [`Stats`] at once (one lock per chunk).
 #[derive(Debug, Default)]
@@ -118,7 +119,7 @@ impl Stats {
 
     /// Merges a committed batch: `applied` is what its transaction did, `flush` the time from
     /// its first attempt to its commit.
-    pub fn add_batch(&self, batch: &Batch, applied: &Applied, flush: Duration) {
+    pub(crate) fn add_batch(&self, batch: &Batch, applied: &Applied, flush: Duration) {
         let events = batch.events.len();
         let cursor = applied.cursor.or(batch.cursor());
         metrics::histogram!(m::BATCH_SIZE_EVENTS).record(events as f64);

@@ -1,12 +1,17 @@
 //! Derived tables: `post_aggregates`, `profile_aggregates`, `notifications`, `feed_items`.
 //! Built from the rows a batch really inserted (`RETURNING`) and really removed, so counters
 //! move only when a row changed (§4) and replays leave them alone.
+//!
+//! The folding ([`Derived`]) is pure; the SQL that reads removed rows ([`removed_rows`]) and
+//! writes the folded result ([`write`], [`purge`]) is at the end of this file.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 
-use crate::mapping::{uri_did, Row};
+use super::{count, exec, Applied};
+use crate::mapping::{uri_did, Row, Table};
 
 /// A removed row's fields that derived tables depend on.
 #[derive(Debug, Clone)]
@@ -195,4 +200,161 @@ impl Derived {
         self.removed_uris.sort_unstable();
         self.removed_uris.dedup();
     }
+}
+
+/// Reads the rows a `DELETE … RETURNING` removed into what derived tables need.
+pub(super) fn removed_rows(
+    table: Table,
+    rows: &[tokio_postgres::Row],
+    derived: &mut Derived,
+) -> Result<(), tokio_postgres::Error> {
+    for r in rows {
+        let uri: String = r.try_get(0)?;
+        let removed = match table {
+            Table::Posts => Removed::Post {
+                uri,
+                did: r.try_get(1)?,
+                parent: r.try_get(2)?,
+                quote: r.try_get(3)?,
+            },
+            Table::Likes => Removed::Like {
+                uri,
+                subject: r.try_get(2)?,
+            },
+            Table::Reposts => Removed::Repost {
+                uri,
+                subject: r.try_get(2)?,
+            },
+            Table::Follows => Removed::Follow {
+                uri,
+                did: r.try_get(1)?,
+                subject: r.try_get(2)?,
+            },
+            _ => continue,
+        };
+        derived.removed(&removed);
+    }
+    Ok(())
+}
+
+/// Deletes the notifications the deleted account `did` received (its own records' derived
+/// rows go through [`removed_rows`]).
+pub(super) async fn purge(
+    tx: &Transaction<'_>,
+    did: &str,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
+    let n = exec(
+        tx,
+        "DELETE FROM notifications WHERE recipient_did = $1",
+        &[&did],
+    )
+    .await?;
+    count(&mut applied.deleted, "notifications", n as usize);
+    Ok(())
+}
+
+/// Writes the folded batch: removed records' notifications and feed items go, new ones are
+/// inserted, aggregate deltas are added.
+pub(super) async fn write(
+    tx: &Transaction<'_>,
+    d: &Derived,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
+    let t0 = std::time::Instant::now();
+    if !d.removed_uris.is_empty() {
+        let n = exec(
+            tx,
+            "DELETE FROM notifications WHERE record_uri = ANY($1)",
+            &[&d.removed_uris],
+        )
+        .await?;
+        count(&mut applied.deleted, "notifications", n as usize);
+        let n = exec(
+            tx,
+            "DELETE FROM feed_items WHERE uri = ANY($1)",
+            &[&d.removed_uris],
+        )
+        .await?;
+        count(&mut applied.deleted, "feed_items", n as usize);
+    }
+    applied.timed("derived_deletes", t0);
+    let t0 = std::time::Instant::now();
+    if !d.notifications.is_empty() {
+        let n = &d.notifications;
+        let record: Vec<&str> = n.iter().map(|x| x.record_uri.as_str()).collect();
+        let reason: Vec<&str> = n.iter().map(|x| x.reason).collect();
+        let recipient: Vec<&str> = n.iter().map(|x| x.recipient.as_str()).collect();
+        let author: Vec<&str> = n.iter().map(|x| x.author.as_str()).collect();
+        let cid: Vec<&str> = n.iter().map(|x| x.record_cid.as_str()).collect();
+        let subject: Vec<Option<&str>> = n.iter().map(|x| x.subject_uri.as_deref()).collect();
+        let at: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
+        let rows = exec(
+            tx,
+            "INSERT INTO notifications (record_uri, reason, recipient_did, author_did, record_cid, subject_uri, created_at) \
+             SELECT u.* FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[]) \
+             AS u(record_uri, reason, recipient_did, author_did, record_cid, subject_uri, created_at) \
+             WHERE NOT EXISTS (SELECT 1 FROM actors a WHERE a.did = u.recipient_did AND a.status = 'deleted') \
+             ON CONFLICT DO NOTHING",
+            &[&record, &reason, &recipient, &author, &cid, &subject, &at],
+        )
+        .await?;
+        count(&mut applied.inserted, "notifications", rows as usize);
+    }
+    applied.timed("notifications", t0);
+    let t0 = std::time::Instant::now();
+    if !d.feed_items.is_empty() {
+        let f = &d.feed_items;
+        let uri: Vec<&str> = f.iter().map(|x| x.uri.as_str()).collect();
+        let post: Vec<&str> = f.iter().map(|x| x.post_uri.as_str()).collect();
+        let orig: Vec<&str> = f.iter().map(|x| x.originator.as_str()).collect();
+        let kind: Vec<&str> = f.iter().map(|x| x.kind).collect();
+        let at: Vec<DateTime<Utc>> = f.iter().map(|x| x.sort_at).collect();
+        let rows = exec(
+            tx,
+            "INSERT INTO feed_items (uri, post_uri, originator_did, type, sort_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
+             ON CONFLICT DO NOTHING",
+            &[&uri, &post, &orig, &kind, &at],
+        )
+        .await?;
+        count(&mut applied.inserted, "feed_items", rows as usize);
+    }
+    applied.timed("feed_items", t0);
+    let t0 = std::time::Instant::now();
+    if !d.post_aggs.is_empty() {
+        let keys: Vec<&str> = d.post_aggs.keys().map(String::as_str).collect();
+        let col = |i: usize| -> Vec<i64> { d.post_aggs.values().map(|v| v[i]).collect() };
+        let (a, b, c, e) = (col(0), col(1), col(2), col(3));
+        exec(
+            tx,
+            "INSERT INTO post_aggregates AS p (uri, like_count, repost_count, reply_count, quote_count) \
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
+             ON CONFLICT (uri) DO UPDATE SET like_count = p.like_count + excluded.like_count, \
+             repost_count = p.repost_count + excluded.repost_count, \
+             reply_count = p.reply_count + excluded.reply_count, \
+             quote_count = p.quote_count + excluded.quote_count",
+            &[&keys, &a, &b, &c, &e],
+        )
+        .await?;
+    }
+    applied.timed("post_aggregates", t0);
+    let t0 = std::time::Instant::now();
+    if !d.profile_aggs.is_empty() {
+        let keys: Vec<&str> = d.profile_aggs.keys().map(String::as_str).collect();
+        let col = |i: usize| -> Vec<i64> { d.profile_aggs.values().map(|v| v[i]).collect() };
+        let (a, b, c) = (col(0), col(1), col(2));
+        exec(
+            tx,
+            "INSERT INTO profile_aggregates AS p (did, followers_count, follows_count, posts_count) \
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+             ON CONFLICT (did) DO UPDATE SET followers_count = p.followers_count + excluded.followers_count, \
+             follows_count = p.follows_count + excluded.follows_count, \
+             posts_count = p.posts_count + excluded.posts_count",
+            &[&keys, &a, &b, &c],
+        )
+        .await?;
+    }
+    applied.timed("profile_aggregates", t0);
+    Ok(())
 }

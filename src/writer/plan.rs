@@ -57,8 +57,6 @@ pub struct PlanStats {
 
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Every DID the batch mentions, sorted (stub actors are created for them).
-    pub dids: Vec<String>,
     /// Accounts deleted in this batch, sorted.
     pub purges: Vec<String>,
     /// Final change per record, in (table, uri) order: the stable key order of writes.
@@ -89,10 +87,7 @@ pub fn dids_of(events: &[Event]) -> Vec<String> {
 }
 
 pub fn build(events: &[Event], mut state: HashMap<String, ActorState>) -> Plan {
-    let mut plan = Plan {
-        dids: dids_of(events),
-        ..Plan::default()
-    };
+    let mut plan = Plan::default();
     for ev in events {
         match &ev.kind {
             EventKind::Commit(c) => {

@@ -121,3 +121,83 @@ async fn a_fenced_out_leader_cannot_commit_and_steps_down(pool: sqlx::PgPool) {
     common::assert_matches_truth(&pool, &common::truth("small")).await;
     live_common::cleanup(&prefix).await;
 }
+
+/// The first `n` events of `small.frames`, with their seqs dropped (as `#info` and error
+/// frames arrive): a batch of them carries no cursor.
+fn events_without_seq(n: usize) -> Vec<atproto_ingest::firehose::Event> {
+    use atproto_ingest::firehose::fixture::{self, FrameReader, RawFrame};
+    use atproto_ingest::firehose::frame::{self, DEFAULT_MAX_FRAME_BYTES};
+    let reader = fixture::open(&common::fixture("small.frames")).unwrap();
+    FrameReader::new(reader, DEFAULT_MAX_FRAME_BYTES)
+        .filter_map(|f| match f.unwrap() {
+            RawFrame::Message(m) => frame::decode(&m).ok(),
+            RawFrame::Oversized { .. } => None,
+        })
+        .map(|d| atproto_ingest::firehose::Event { seq: 0, ..d.event })
+        .take(n)
+        .collect()
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn a_batch_without_a_cursor_of_an_old_fence_commits_nothing(pg: sqlx::PgPool) {
+    use atproto_ingest::cursor::CursorKey;
+    use atproto_ingest::txn::{self, RetryPolicy, TxError};
+    use atproto_ingest::writer::{self, WriteError};
+
+    let pool = common::deadpool(&pg, 2).await;
+    let svc = "fence.test";
+    let events = events_without_seq(200);
+    assert_eq!(events.len(), 200);
+    let apply = async |fence: i64| {
+        let key = CursorKey {
+            service: svc.into(),
+            fence,
+        };
+        txn::run_tx(
+            &pool,
+            &RetryPolicy::default(),
+            &CancellationToken::new(),
+            async |tx| writer::apply(tx, &events, None, &key).await,
+        )
+        .await
+    };
+    let rows = async || -> i64 {
+        sqlx::query_scalar("SELECT (SELECT count(*) FROM actors) + (SELECT count(*) FROM posts)")
+            .fetch_one(&pg)
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        cursor::claim_fence(&pool, svc, 1).await.unwrap(),
+        Claim::Claimed(None)
+    );
+    // A newer leader claims the service: the old one's cursor-less batch is refused.
+    assert_eq!(
+        cursor::claim_fence(&pool, svc, 2).await.unwrap(),
+        Claim::Claimed(None)
+    );
+    let refused = apply(1).await;
+    assert!(
+        matches!(
+            refused,
+            Err(TxError::Permanent {
+                source: WriteError::Fenced { fence: 1, .. },
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(rows().await, 0, "a fenced-out leader committed rows");
+
+    // The current fence's cursor-less batch commits, and the stored cursor does not move.
+    let applied = apply(2).await.unwrap();
+    assert_eq!(applied.cursor, None);
+    assert!(rows().await > 0);
+    let stored: (i64, i64) =
+        sqlx::query_as("SELECT seq, fence FROM firehose_cursor WHERE service = $1")
+            .bind(svc)
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+    assert_eq!(stored, (cursor::NO_CURSOR, 2));
+}

@@ -1,0 +1,67 @@
+//! The batch's `actors` SQL: a stub row for every DID the batch mentions, the state planning
+//! starts from (last applied rev, status), and the actor changes the plan decided.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Transaction;
+
+use super::plan::{ActorState, Plan};
+use super::{exec, query};
+
+/// Creates missing actors for `dids` (sorted: locks in key order) and reads their state.
+pub(super) async fn read_state(
+    tx: &Transaction<'_>,
+    dids: &[String],
+) -> Result<HashMap<String, ActorState>, tokio_postgres::Error> {
+    if dids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    exec(
+        tx,
+        "INSERT INTO actors (did) SELECT unnest($1::text[]) ON CONFLICT (did) DO NOTHING",
+        &[&dids],
+    )
+    .await?;
+    let rows = query(
+        tx,
+        "SELECT did, rev, status FROM actors WHERE did = ANY($1)",
+        &[&dids],
+    )
+    .await?;
+    let mut state = HashMap::with_capacity(rows.len());
+    for r in rows {
+        state.insert(
+            r.try_get::<_, String>(0)?,
+            ActorState {
+                rev: r.try_get(1)?,
+                status: r.try_get(2)?,
+            },
+        );
+    }
+    Ok(state)
+}
+
+/// Applies the plan's actor changes (handle, status, rev, resync mark).
+pub(super) async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), tokio_postgres::Error> {
+    if plan.actors.is_empty() {
+        return Ok(());
+    }
+    let dids: Vec<&str> = plan.actors.keys().map(String::as_str).collect();
+    let handle: Vec<Option<&str>> = plan.actors.values().map(|a| a.handle.as_deref()).collect();
+    let status: Vec<Option<&str>> = plan.actors.values().map(|a| a.status.as_deref()).collect();
+    let rev: Vec<Option<&str>> = plan.actors.values().map(|a| a.rev.as_deref()).collect();
+    let resync: Vec<bool> = plan.actors.values().map(|a| a.needs_resync).collect();
+    // Only rows whose values really change are touched: a replay rewrites nothing.
+    exec(
+        tx,
+        "UPDATE actors a SET handle = COALESCE(u.handle, a.handle), status = COALESCE(u.status, a.status), \
+         rev = COALESCE(u.rev, a.rev), needs_resync = a.needs_resync OR u.resync \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[]) AS u(did, handle, status, rev, resync) \
+         WHERE a.did = u.did AND (a.handle IS DISTINCT FROM COALESCE(u.handle, a.handle) \
+         OR a.status IS DISTINCT FROM COALESCE(u.status, a.status) \
+         OR a.rev IS DISTINCT FROM COALESCE(u.rev, a.rev) OR (u.resync AND NOT a.needs_resync))",
+        &[&dids, &handle, &status, &rev, &resync],
+    )
+    .await?;
+    Ok(())
+}
