@@ -28,7 +28,7 @@ pub struct Tally {
 
 impl Tally {
     /// Counts one decoded frame's event, ops and records.
-    pub fn add_event(&mut self, frame: &DecodedFrame) {
+    pub(crate) fn add_event(&mut self, frame: &DecodedFrame) {
         if frame.non_canonical {
             self.non_canonical += 1;
         }
@@ -56,27 +56,18 @@ impl Tally {
     }
 
     /// Counts one skipped frame.
-    pub fn add_skipped(&mut self, reason: &'static str) {
+    pub(crate) fn add_skipped(&mut self, reason: &'static str) {
         *self.skipped.entry(reason).or_default() += 1;
     }
 
     /// Total events counted.
-    pub fn events(&self) -> u64 {
+    pub(crate) fn events(&self) -> u64 {
         self.events_by_type.values().sum()
     }
 
     /// Total frames skipped.
     pub fn skipped_total(&self) -> u64 {
         self.skipped.values().sum()
-    }
-
-    /// Invalid records of one collection, all rejection kinds together.
-    pub fn invalid_in(&self, collection: &str) -> u64 {
-        self.invalid
-            .iter()
-            .filter(|((c, _), _)| c == collection)
-            .map(|(_, n)| n)
-            .sum()
     }
 }
 
