@@ -117,7 +117,7 @@ pub fn inspect_file<W: Write>(opts: &InspectOptions, out: &mut W) -> Result<Summ
 
 /// Decodes every frame of `input`, writing the selected events to `out` as JSON lines.
 /// A closed output (broken pipe) ends the run normally with [`End::OutputClosed`].
-pub fn inspect<R: BufRead, W: Write>(
+pub(crate) fn inspect<R: BufRead, W: Write>(
     input: R,
     opts: &InspectOptions,
     out: &mut W,
@@ -228,7 +228,7 @@ struct Line<'a> {
 }
 
 /// Writes the JSON line of one event (without the newline).
-pub fn write_event_json<W: Write>(out: W, ev: &Event) -> serde_json::Result<()> {
+pub(crate) fn write_event_json<W: Write>(out: W, ev: &Event) -> serde_json::Result<()> {
     let fields = match event_json(ev) {
         Value::Object(mut m) => {
             m.remove("seq");

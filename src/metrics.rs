@@ -1,8 +1,9 @@
-//! Metric names (one place, all `atproto_ingest_*`), their descriptions, and the Prometheus
+//! Metric names (one place, all `atproto_ingest_*`), each declared once with its kind, unit,
+//! labels and help text; the descriptions are generated from that list. Also the Prometheus
 //! recorder (`install`) whose handle `/metrics` renders.
 //!
 //! Naming: counters end in `_total`, units are in the name (`_seconds`, `_bytes`, `_ratio`),
-//! labels are bounded (never a DID or URI).
+//! labels are bounded (never a DID or URI). The unit test checks every declaration.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
@@ -12,166 +13,257 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-// --- Firehose input (§3) ---
-/// Counter `{type}`: events decoded (`#commit`, `#identity`, `#account`, `#sync`, `#info`, `error`).
-pub const EVENTS_TOTAL: &str = "atproto_ingest_events_total";
-/// Counter `{action, collection}`: record ops decoded; `collection` is a known `app.bsky.*`
-/// NSID or `other` (see [`collection_label`]).
-pub const OPS_TOTAL: &str = "atproto_ingest_ops_total";
-/// Counter `{reason}`: frames skipped as malformed or oversized.
-pub const FRAMES_MALFORMED_TOTAL: &str = "atproto_ingest_frames_malformed_total";
-/// Counter `{collection, kind}`: records of a known collection that broke their lexicon (not stored).
-pub const INVALID_RECORDS_TOTAL: &str = "atproto_ingest_invalid_records_total";
-/// Counter `{reason}`: record ops skipped because their record could not be read
-/// (`block_missing`, `block_cid_mismatch`, `op_without_cid`, `too_big`, `bad_path`).
-pub const OPS_UNAVAILABLE_TOTAL: &str = "atproto_ingest_ops_unavailable_total";
-/// Counter: `tooBig` commits seen (the repo needs a resync).
-pub const COMMITS_TOO_BIG_TOTAL: &str = "atproto_ingest_commits_too_big_total";
+/// What a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
 
-// --- Relay client (§3) ---
-/// Gauge: 1 while connected to the relay, else 0.
-pub const RELAY_CONNECTED: &str = "atproto_ingest_relay_connected";
-/// Counter: relay reconnects (after any end of a connection).
-pub const RECONNECTS_TOTAL: &str = "atproto_ingest_relay_reconnects_total";
-/// Gauge: highest seq received from the relay.
-pub const RELAY_SEQ: &str = "atproto_ingest_relay_seq";
-/// Counter: text WebSocket messages ignored.
-pub const RELAY_TEXT_MESSAGES_TOTAL: &str = "atproto_ingest_relay_text_messages_total";
-/// Counter: relay messages over the frame size limit (the connection is restarted).
-pub const RELAY_OVERSIZED_TOTAL: &str = "atproto_ingest_relay_oversized_total";
-/// Counter `{name}`: `#info` frames (`OutdatedCursor`, `other`).
-pub const RELAY_INFO_TOTAL: &str = "atproto_ingest_relay_info_total";
-/// Counter `{error}`: error frames (`FutureCursor`, `ConsumerTooSlow`, `other`).
-pub const RELAY_ERRORS_TOTAL: &str = "atproto_ingest_relay_errors_total";
-/// Counter `{kind}`: seq discontinuities (`skip`, `backward`, `outdated_cursor`).
-pub const RELAY_SEQ_GAPS_TOTAL: &str = "atproto_ingest_relay_seq_gaps_total";
+/// One declared metric.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Metric {
+    pub(crate) name: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) unit: Option<Unit>,
+    /// Label names (their values are bounded sets); checked by the conventions test.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) labels: &'static [&'static str],
+    /// The `# HELP` text.
+    pub(crate) help: &'static str,
+}
 
-// --- Progress and lag (§4, §9) ---
-/// Gauge: durable cursor, the last seq committed with its rows.
-pub const CURSOR_SEQ: &str = "atproto_ingest_cursor_seq";
-/// Gauge: now minus the `time` of the last event committed (refreshed at every scrape).
-pub const LAG_SECONDS: &str = "atproto_ingest_lag_seconds";
-/// Gauge: highest relay seq received minus the durable cursor.
-pub const LAG_EVENTS: &str = "atproto_ingest_lag_events";
+macro_rules! unit {
+    () => {
+        None
+    };
+    ($unit:ident) => {
+        Some(Unit::$unit)
+    };
+}
 
-// --- Pending-op maps (§5) ---
-/// Gauge: DIDs waiting in the pending-op map.
-pub const PENDING_DIDS: &str = "atproto_ingest_pending_dids";
-/// Gauge: ops waiting in the pending-op map (all DIDs).
-pub const PENDING_OPS: &str = "atproto_ingest_pending_ops";
-/// Counter: DIDs evicted from the pending map at its bound (flushed with a stub user).
-pub const PENDING_EVICTIONS_TOTAL: &str = "atproto_ingest_pending_evictions_total";
-/// Counter: DIDs that hit the per-DID op bound (flushed with a stub user).
-pub const PENDING_OVERFLOWS_TOTAL: &str = "atproto_ingest_pending_overflows_total";
+/// `IDENT: Kind(Unit)[labels] = "name", "help";` → the `IDENT` const (its doc made of the kind,
+/// labels and help, then any `///` lines of detail) and its entry in [`ALL`].
+macro_rules! metrics {
+    ($(
+        $(#[doc = $doc:literal])*
+        $vis:vis $ident:ident: $kind:ident $(($unit:ident))? [$($label:literal),*] =
+            $name:literal, $help:literal;
+    )*) => {
+        $(
+            #[doc = concat!(stringify!($kind), $(" `", $label, "`",)* ": ", $help)]
+            #[doc = ""]
+            $(#[doc = $doc])*
+            $vis const $ident: &str = $name;
+        )*
 
-// --- Users stage (§5) ---
-/// Gauge: DIDs in the known-DID set.
-pub const USERS_KNOWN_DIDS: &str = "atproto_ingest_users_known_dids";
-/// Gauge: user creations and refreshes in flight (spawned tasks).
-pub const USERS_TASKS_IN_FLIGHT: &str = "atproto_ingest_users_tasks_in_flight";
-/// Gauge `{queue}`: items waiting in the stage's own queues (`done`, `schedule`).
-pub const USERS_QUEUE_DEPTH: &str = "atproto_ingest_users_queue_depth";
-/// Gauge: low watermark of the users stage (the cursor batches may write).
-pub const USERS_WATERMARK_SEQ: &str = "atproto_ingest_users_watermark_seq";
-/// Counter `{result}`: users created (`resolved`, `stub`, `known`, `error`).
-pub const USERS_CREATED_TOTAL: &str = "atproto_ingest_users_created_total";
-/// Counter `{reason}`: DIDs released early as stubs (`evicted`, `overflow`, `shutdown`).
-pub const USERS_STUB_RELEASES_TOTAL: &str = "atproto_ingest_users_stub_releases_total";
-/// Counter: events that waited in a pending-op map.
-pub const USERS_EVENTS_HELD_TOTAL: &str = "atproto_ingest_users_events_held_total";
-/// Counter `{mode}`: `#identity` refreshes (`task` or `scheduled`).
-pub const USERS_IDENTITY_REFRESHES_TOTAL: &str = "atproto_ingest_users_identity_refreshes_total";
-/// Counter `{op}`: database errors of the users stage and re-resolution job.
-pub const USERS_DB_ERRORS_TOTAL: &str = "atproto_ingest_users_db_errors_total";
-/// Counter: re-resolution job runs.
-pub const RERESOLVE_RUNS_TOTAL: &str = "atproto_ingest_reresolve_runs_total";
-/// Counter `{result}`: actors re-resolved by the job (`resolved`, `stub`).
-pub const RERESOLVE_ACTORS_TOTAL: &str = "atproto_ingest_reresolve_actors_total";
+        /// Every metric, in declaration order.
+        pub(crate) const ALL: &[Metric] = &[$(
+            Metric {
+                name: $ident,
+                kind: Kind::$kind,
+                unit: unit!($($unit)?),
+                labels: &[$($label),*],
+                help: $help,
+            },
+        )*];
+    };
+}
 
-// --- Identity resolution and user creation (§5) ---
-/// Counter `{cache}`: cache lookups answered from the cache.
-pub const IDENTITY_CACHE_HITS_TOTAL: &str = "atproto_ingest_identity_cache_hits_total";
-/// Counter `{cache}`: cache lookups that had to resolve.
-pub const IDENTITY_CACHE_MISSES_TOTAL: &str = "atproto_ingest_identity_cache_misses_total";
-/// Gauge `{cache}`: entries held by a cache.
-pub const IDENTITY_CACHE_ENTRIES: &str = "atproto_ingest_identity_cache_entries";
-/// Counter `{result}`: identity resolutions by outcome (`ok` or an error kind).
-pub const IDENTITY_RESOLUTIONS_TOTAL: &str = "atproto_ingest_identity_resolutions_total";
-/// Histogram: duration of one identity resolution (DID document + handle check).
-pub const IDENTITY_RESOLUTION_SECONDS: &str = "atproto_ingest_identity_resolution_seconds";
-/// Counter `{valid}`: handle verifications by outcome (`true` / `false`).
-pub const IDENTITY_HANDLE_CHECKS_TOTAL: &str = "atproto_ingest_identity_handle_checks_total";
-/// Gauge: user creations holding a semaphore permit.
-pub const USER_CREATIONS_IN_FLIGHT: &str = "atproto_ingest_user_creations_in_flight";
-/// Gauge: user creations waiting for a permit.
-pub const USER_CREATIONS_WAITING: &str = "atproto_ingest_user_creations_waiting";
-/// Counter `{reason}`: user creations that ended as a stub.
-pub const USER_CREATION_FAILURES_TOTAL: &str = "atproto_ingest_user_creation_failures_total";
-/// Histogram: time a user creation waited for a permit.
-pub const USER_CREATION_WAIT_SECONDS: &str = "atproto_ingest_user_creation_wait_seconds";
+metrics! {
+    // --- Firehose input (§3) ---
+    /// `type`: `#commit`, `#identity`, `#account`, `#sync`, `#info`, `error`.
+    pub EVENTS_TOTAL: Counter["type"] =
+        "atproto_ingest_events_total", "Firehose events decoded, by type.";
+    /// `collection`: a known `app.bsky.*` NSID or `other` (see [`collection_label`]).
+    pub OPS_TOTAL: Counter["action", "collection"] =
+        "atproto_ingest_ops_total",
+        "Record ops decoded, by action and collection (known app.bsky collections, else other).";
+    pub FRAMES_MALFORMED_TOTAL: Counter["reason"] =
+        "atproto_ingest_frames_malformed_total",
+        "Frames skipped as malformed or oversized, by reason.";
+    /// Records of a known collection that broke their lexicon; `collection` as in [`OPS_TOTAL`].
+    pub INVALID_RECORDS_TOTAL: Counter["collection", "kind"] =
+        "atproto_ingest_invalid_records_total",
+        "Records failing lexicon checks (not stored), by collection and kind.";
+    /// `reason`: `block_missing`, `block_cid_mismatch`, `op_without_cid`, `too_big`, `bad_path`.
+    pub(crate) OPS_UNAVAILABLE_TOTAL: Counter["reason"] =
+        "atproto_ingest_ops_unavailable_total",
+        "Record ops skipped: record unreadable (block missing, CID mismatch, tooBig, ...), by reason.";
+    pub(crate) COMMITS_TOO_BIG_TOTAL: Counter[] =
+        "atproto_ingest_commits_too_big_total", "tooBig commits (repo needs a resync).";
 
-// --- Writer (§6) ---
-/// Histogram: events per committed batch.
-pub const BATCH_SIZE_EVENTS: &str = "atproto_ingest_batch_size_events";
-/// Histogram: record ops per committed batch (non-commit events count as one).
-pub const BATCH_SIZE_OPS: &str = "atproto_ingest_batch_size_ops";
-/// Histogram: seconds from a batch's first attempt to its commit (retries included).
-pub const BATCH_FLUSH_SECONDS: &str = "atproto_ingest_batch_flush_seconds";
-/// Counter `{table, op}`: rows really inserted (`op="insert"`) or deleted (`op="delete"`).
-pub const ROWS_WRITTEN_TOTAL: &str = "atproto_ingest_rows_written_total";
-/// Counter `{sqlstate}`: transaction retries (`40P01`, `40001`, `57014`, …, or `connection`, `pool`, `tx_timeout`).
-pub const DB_RETRIES_TOTAL: &str = "atproto_ingest_db_retries_total";
-/// Counter `{reason}`: transactions that failed for good (`deadlock`, `serialization`,
-/// `statement_timeout`, `connection`, `pool`, `tx_timeout`, `permanent`, `cancelled`).
-pub const DB_TX_FAILURES_TOTAL: &str = "atproto_ingest_db_tx_failures_total";
-/// Counter: transaction attempts that ran past the transaction timeout (query cancelled, rolled back).
-pub const DB_TX_TIMEOUTS_TOTAL: &str = "atproto_ingest_db_tx_timeouts_total";
-/// Histogram `{outcome}`: seconds per transaction attempt (begin to commit or rollback).
-pub const DB_TX_SECONDS: &str = "atproto_ingest_db_tx_seconds";
+    // --- Relay client (§3) ---
+    pub(crate) RELAY_CONNECTED: Gauge[] =
+        "atproto_ingest_relay_connected", "1 while connected to the relay.";
+    /// After any end of a connection.
+    pub RECONNECTS_TOTAL: Counter[] = "atproto_ingest_relay_reconnects_total", "Relay reconnects.";
+    pub(crate) RELAY_SEQ: Gauge[] =
+        "atproto_ingest_relay_seq", "Highest seq received from the relay.";
+    pub(crate) RELAY_TEXT_MESSAGES_TOTAL: Counter[] =
+        "atproto_ingest_relay_text_messages_total",
+        "Text WebSocket messages from the relay (ignored).";
+    /// The connection is restarted.
+    pub(crate) RELAY_OVERSIZED_TOTAL: Counter[] =
+        "atproto_ingest_relay_oversized_total", "Relay messages over the frame size limit.";
+    /// `name`: `OutdatedCursor`, `other`.
+    pub(crate) RELAY_INFO_TOTAL: Counter["name"] =
+        "atproto_ingest_relay_info_total", "Relay #info frames, by name.";
+    /// `error`: `FutureCursor`, `ConsumerTooSlow`, `other`.
+    pub(crate) RELAY_ERRORS_TOTAL: Counter["error"] =
+        "atproto_ingest_relay_errors_total", "Relay error frames, by error.";
+    /// `kind`: `skip`, `backward`, `outdated_cursor`.
+    pub(crate) RELAY_SEQ_GAPS_TOTAL: Counter["kind"] =
+        "atproto_ingest_relay_seq_gaps_total", "Relay seq discontinuities, by kind.";
 
-// --- Pool monitor (§8) ---
-/// Gauge: connections open in the pool.
-pub const DB_POOL_SIZE: &str = "atproto_ingest_db_pool_size";
-/// Gauge: maximum connections the pool may open.
-pub const DB_POOL_MAX: &str = "atproto_ingest_db_pool_max";
-/// Gauge: connections checked out.
-pub const DB_POOL_IN_USE: &str = "atproto_ingest_db_pool_in_use";
-/// Gauge: connections open and idle.
-pub const DB_POOL_IDLE: &str = "atproto_ingest_db_pool_idle";
-/// Gauge: tasks waiting for a connection.
-pub const DB_POOL_WAITING: &str = "atproto_ingest_db_pool_waiting";
-/// Gauge: in use / max, last sample.
-pub const DB_POOL_UTILIZATION_RATIO: &str = "atproto_ingest_db_pool_utilization_ratio";
-/// Gauge `{window}`: in use / max, averaged over the last `window` samples (`5`, `100`).
-pub const DB_POOL_UTILIZATION_AVG_RATIO: &str = "atproto_ingest_db_pool_utilization_avg_ratio";
+    // --- Progress and lag (§4, §9) ---
+    pub CURSOR_SEQ: Gauge[] = "atproto_ingest_cursor_seq", "Durable cursor (last committed seq).";
+    /// Refreshed at every scrape.
+    pub LAG_SECONDS: Gauge(Seconds)[] =
+        "atproto_ingest_lag_seconds", "Now minus the time of the last committed event.";
+    pub(crate) LAG_EVENTS: Gauge[] =
+        "atproto_ingest_lag_events", "Relay seq received minus the durable cursor.";
 
-// --- Background jobs (§8) ---
-/// Counter `{job, outcome}`: job runs (`ok`, `error`).
-pub const JOB_RUNS_TOTAL: &str = "atproto_ingest_job_runs_total";
-/// Counter `{job}`: rows removed by jobs.
-pub const JOB_ROWS_DELETED_TOTAL: &str = "atproto_ingest_job_rows_deleted_total";
-/// Histogram `{job}`: seconds per job run.
-pub const JOB_SECONDS: &str = "atproto_ingest_job_seconds";
+    // --- Pending-op maps (§5) ---
+    pub(crate) PENDING_DIDS: Gauge[] = "atproto_ingest_pending_dids", "DIDs in the pending-op map.";
+    /// All DIDs together.
+    pub(crate) PENDING_OPS: Gauge[] = "atproto_ingest_pending_ops", "Ops in the pending-op map.";
+    /// Flushed with a stub user.
+    pub(crate) PENDING_EVICTIONS_TOTAL: Counter[] =
+        "atproto_ingest_pending_evictions_total", "DIDs evicted from the pending-op map.";
+    /// Flushed with a stub user.
+    pub(crate) PENDING_OVERFLOWS_TOTAL: Counter[] =
+        "atproto_ingest_pending_overflows_total", "DIDs that hit the per-DID pending op bound.";
 
-// --- Leader election and fencing (§7) ---
-/// Gauge: 1 while this instance holds the lease, else 0.
-pub const LEADER: &str = "atproto_ingest_leader";
-/// Counter: lease acquisitions.
-pub const LEADER_ACQUISITIONS_TOTAL: &str = "atproto_ingest_leader_acquisitions_total";
-/// Counter: leases lost (renewal failed or the key changed hands).
-pub const LEADER_LOST_TOTAL: &str = "atproto_ingest_leader_lost_total";
-/// Counter: fence claims refused because the database holds a newer fence.
-pub const FENCE_CLAIMS_REFUSED_TOTAL: &str = "atproto_ingest_fence_claims_refused_total";
-/// Counter: terms ended because a newer leader fenced this one out.
-pub const FENCED_TOTAL: &str = "atproto_ingest_fenced_total";
+    // --- Users stage (§5) ---
+    pub(crate) USERS_KNOWN_DIDS: Gauge[] =
+        "atproto_ingest_users_known_dids", "DIDs in the known-DID set.";
+    /// Spawned tasks.
+    pub(crate) USERS_TASKS_IN_FLIGHT: Gauge[] =
+        "atproto_ingest_users_tasks_in_flight", "User creations and refreshes in flight.";
+    /// `queue`: `done`, `schedule`.
+    pub(crate) USERS_QUEUE_DEPTH: Gauge["queue"] =
+        "atproto_ingest_users_queue_depth", "Users stage queue depth, by queue.";
+    /// The cursor batches may write.
+    pub(crate) USERS_WATERMARK_SEQ: Gauge[] =
+        "atproto_ingest_users_watermark_seq", "Low watermark of the users stage.";
+    /// `result`: `resolved`, `stub`, `known`, `error`.
+    pub(crate) USERS_CREATED_TOTAL: Counter["result"] =
+        "atproto_ingest_users_created_total", "Users created, by result.";
+    /// `reason`: `evicted`, `overflow`, `shutdown`.
+    pub(crate) USERS_STUB_RELEASES_TOTAL: Counter["reason"] =
+        "atproto_ingest_users_stub_releases_total", "DIDs released early as stubs, by reason.";
+    pub(crate) USERS_EVENTS_HELD_TOTAL: Counter[] =
+        "atproto_ingest_users_events_held_total", "Events that waited in a pending-op map.";
+    /// `mode`: `task`, `scheduled`.
+    pub(crate) USERS_IDENTITY_REFRESHES_TOTAL: Counter["mode"] =
+        "atproto_ingest_users_identity_refreshes_total", "#identity refreshes, by mode.";
+    /// Of the users stage and the re-resolution job.
+    pub(crate) USERS_DB_ERRORS_TOTAL: Counter["op"] =
+        "atproto_ingest_users_db_errors_total", "Database errors of the users stage, by op.";
+    pub(crate) RERESOLVE_RUNS_TOTAL: Counter[] =
+        "atproto_ingest_reresolve_runs_total", "Identity re-resolution job runs.";
+    /// `result`: `resolved`, `stub`.
+    pub(crate) RERESOLVE_ACTORS_TOTAL: Counter["result"] =
+        "atproto_ingest_reresolve_actors_total", "Actors re-resolved by the job, by result.";
+
+    // --- Identity resolution and user creation (§5) ---
+    /// Lookups answered from the cache.
+    pub(crate) IDENTITY_CACHE_HITS_TOTAL: Counter["cache"] =
+        "atproto_ingest_identity_cache_hits_total", "Identity cache hits, by cache.";
+    /// Lookups that had to resolve.
+    pub(crate) IDENTITY_CACHE_MISSES_TOTAL: Counter["cache"] =
+        "atproto_ingest_identity_cache_misses_total", "Identity cache misses, by cache.";
+    pub(crate) IDENTITY_CACHE_ENTRIES: Gauge["cache"] =
+        "atproto_ingest_identity_cache_entries", "Identity cache entries, by cache.";
+    /// `result`: `ok` or an error kind.
+    pub(crate) IDENTITY_RESOLUTIONS_TOTAL: Counter["result"] =
+        "atproto_ingest_identity_resolutions_total", "Identity resolutions, by result.";
+    /// DID document + handle check.
+    pub(crate) IDENTITY_RESOLUTION_SECONDS: Histogram(Seconds)[] =
+        "atproto_ingest_identity_resolution_seconds", "Identity resolution duration.";
+    /// `valid`: `true`, `false`.
+    pub(crate) IDENTITY_HANDLE_CHECKS_TOTAL: Counter["valid"] =
+        "atproto_ingest_identity_handle_checks_total", "Handle verifications, by validity.";
+    pub(crate) USER_CREATIONS_IN_FLIGHT: Gauge[] =
+        "atproto_ingest_user_creations_in_flight", "User creations holding a permit.";
+    pub(crate) USER_CREATIONS_WAITING: Gauge[] =
+        "atproto_ingest_user_creations_waiting", "User creations waiting for a permit.";
+    pub(crate) USER_CREATION_FAILURES_TOTAL: Counter["reason"] =
+        "atproto_ingest_user_creation_failures_total",
+        "User creations that ended as a stub, by reason.";
+    pub(crate) USER_CREATION_WAIT_SECONDS: Histogram(Seconds)[] =
+        "atproto_ingest_user_creation_wait_seconds", "Time a user creation waited for a permit.";
+
+    // --- Writer (§6) ---
+    pub BATCH_SIZE_EVENTS: Histogram(Count)[] =
+        "atproto_ingest_batch_size_events", "Events per committed batch.";
+    /// Non-commit events count as one.
+    pub BATCH_SIZE_OPS: Histogram(Count)[] =
+        "atproto_ingest_batch_size_ops", "Record ops per committed batch.";
+    /// Retries included.
+    pub BATCH_FLUSH_SECONDS: Histogram(Seconds)[] =
+        "atproto_ingest_batch_flush_seconds", "Batch flush latency, first attempt to commit.";
+    /// `op`: `insert`, `delete`.
+    pub ROWS_WRITTEN_TOTAL: Counter["table", "op"] =
+        "atproto_ingest_rows_written_total", "Rows really inserted or deleted, by table and op.";
+    /// `sqlstate`: `40P01`, `40001`, `57014`, …, or `connection`, `pool`, `tx_timeout`.
+    pub(crate) DB_RETRIES_TOTAL: Counter["sqlstate"] =
+        "atproto_ingest_db_retries_total", "Transaction retries, by SQLSTATE or cause.";
+    /// `reason`: `deadlock`, `serialization`, `statement_timeout`, `connection`, `pool`,
+    /// `tx_timeout`, `permanent`, `cancelled`.
+    pub(crate) DB_TX_FAILURES_TOTAL: Counter["reason"] =
+        "atproto_ingest_db_tx_failures_total", "Transactions that failed for good, by reason.";
+    /// Query cancelled, rolled back.
+    pub(crate) DB_TX_TIMEOUTS_TOTAL: Counter[] =
+        "atproto_ingest_db_tx_timeouts_total",
+        "Transaction attempts cancelled at the transaction timeout.";
+    /// Begin to commit or rollback.
+    pub(crate) DB_TX_SECONDS: Histogram(Seconds)["outcome"] =
+        "atproto_ingest_db_tx_seconds", "Transaction attempt duration, by outcome.";
+
+    // --- Pool monitor (§8) ---
+    pub(crate) DB_POOL_SIZE: Gauge[] = "atproto_ingest_db_pool_size", "Connections open in the pool.";
+    pub(crate) DB_POOL_MAX: Gauge[] = "atproto_ingest_db_pool_max", "Maximum pool size.";
+    pub(crate) DB_POOL_IN_USE: Gauge[] = "atproto_ingest_db_pool_in_use", "Connections checked out.";
+    pub(crate) DB_POOL_IDLE: Gauge[] = "atproto_ingest_db_pool_idle", "Connections idle.";
+    pub(crate) DB_POOL_WAITING: Gauge[] =
+        "atproto_ingest_db_pool_waiting", "Tasks waiting for a connection.";
+    pub(crate) DB_POOL_UTILIZATION_RATIO: Gauge[] =
+        "atproto_ingest_db_pool_utilization_ratio", "Pool in use / max, last sample.";
+    /// `window`: the last `5` or `100` samples.
+    pub(crate) DB_POOL_UTILIZATION_AVG_RATIO: Gauge["window"] =
+        "atproto_ingest_db_pool_utilization_avg_ratio", "Pool in use / max, average over a window.";
+
+    // --- Background jobs (§8) ---
+    /// `outcome`: `ok`, `error`.
+    pub(crate) JOB_RUNS_TOTAL: Counter["job", "outcome"] =
+        "atproto_ingest_job_runs_total", "Background job runs, by job and outcome.";
+    pub(crate) JOB_ROWS_DELETED_TOTAL: Counter["job"] =
+        "atproto_ingest_job_rows_deleted_total", "Rows deleted by background jobs, by job.";
+    pub(crate) JOB_SECONDS: Histogram(Seconds)["job"] =
+        "atproto_ingest_job_seconds", "Background job run duration, by job.";
+
+    // --- Leader election and fencing (§7) ---
+    pub(crate) LEADER: Gauge[] = "atproto_ingest_leader", "1 while this instance is the leader.";
+    pub(crate) LEADER_ACQUISITIONS_TOTAL: Counter[] =
+        "atproto_ingest_leader_acquisitions_total", "Leader lease acquisitions.";
+    /// Renewal failed or the key changed hands.
+    pub(crate) LEADER_LOST_TOTAL: Counter[] =
+        "atproto_ingest_leader_lost_total", "Leader leases lost.";
+    pub(crate) FENCE_CLAIMS_REFUSED_TOTAL: Counter[] =
+        "atproto_ingest_fence_claims_refused_total",
+        "Fence claims refused (the database holds a newer fence).";
+    pub(crate) FENCED_TOTAL: Counter[] =
+        "atproto_ingest_fenced_total", "Terms ended by a newer leader's fence.";
+}
 
 /// The `collection` label of an NSID: known `app.bsky.*` collections by name, anything else
 /// `other` (collection NSIDs are open-ended; a label per NSID would be unbounded).
 pub fn collection_label(collection: &str) -> &'static str {
-    crate::firehose::record::KNOWN_COLLECTIONS
-        .iter()
-        .find(|k| **k == collection)
-        .copied()
+    crate::mapping::Table::for_collection(collection)
+        .nsid()
         .unwrap_or("other")
 }
 
@@ -181,13 +273,13 @@ pub fn collection_label(collection: &str) -> &'static str {
 static LAST_EVENT_MICROS: AtomicI64 = AtomicI64::new(0);
 
 /// Records the commit time of the last event just committed and updates [`LAG_SECONDS`].
-pub fn set_last_event_time(t: chrono::DateTime<chrono::Utc>) {
+pub(crate) fn set_last_event_time(t: chrono::DateTime<chrono::Utc>) {
     LAST_EVENT_MICROS.store(t.timestamp_micros(), Ordering::Relaxed);
     refresh_lag();
 }
 
 /// Sets [`LAG_SECONDS`] from the last committed event's time (no-op before the first one).
-pub fn refresh_lag() {
+fn refresh_lag() {
     let t = LAST_EVENT_MICROS.load(Ordering::Relaxed);
     if t != 0 {
         let now = chrono::Utc::now().timestamp_micros();
@@ -197,7 +289,7 @@ pub fn refresh_lag() {
 }
 
 /// The Prometheus text of `handle`, with the derived gauges refreshed first.
-pub fn render(handle: &PrometheusHandle) -> String {
+pub(crate) fn render(handle: &PrometheusHandle) -> String {
     refresh_lag();
     handle.render()
 }
@@ -211,7 +303,7 @@ const BATCH_SIZE_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 25000.0,
 ];
 /// How often histogram buckets are drained; the exporter docs ask for periodic upkeep.
-pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -226,7 +318,7 @@ pub fn install() -> PrometheusHandle {
                 // Another recorder was installed first: /metrics renders, but stays empty.
                 tracing::warn!(error = %e, "a metrics recorder was already installed");
             }
-            describe();
+            describe_all();
             handle
         })
         .clone()
@@ -249,7 +341,7 @@ fn builder() -> PrometheusBuilder {
 }
 
 /// Runs `handle.run_upkeep()` every [`UPKEEP_INTERVAL`] until `cancel`.
-pub async fn run_upkeep(handle: PrometheusHandle, cancel: CancellationToken) {
+pub(crate) async fn run_upkeep(handle: PrometheusHandle, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -260,186 +352,17 @@ pub async fn run_upkeep(handle: PrometheusHandle, cancel: CancellationToken) {
     }
 }
 
-fn describe() {
-    let counters: &[(&'static str, &'static str)] = &[
-        (EVENTS_TOTAL, "Firehose events decoded, by type."),
-        (
-            OPS_TOTAL,
-            "Record ops decoded, by action and collection (known app.bsky collections, else other).",
-        ),
-        (
-            FRAMES_MALFORMED_TOTAL,
-            "Frames skipped as malformed or oversized, by reason.",
-        ),
-        (
-            INVALID_RECORDS_TOTAL,
-            "Records failing lexicon checks (not stored), by collection and kind.",
-        ),
-        (
-            OPS_UNAVAILABLE_TOTAL,
-            "Record ops skipped: record unreadable (block missing, CID mismatch, tooBig, ...), by reason.",
-        ),
-        (
-            COMMITS_TOO_BIG_TOTAL,
-            "tooBig commits (repo needs a resync).",
-        ),
-        (RECONNECTS_TOTAL, "Relay reconnects."),
-        (
-            RELAY_TEXT_MESSAGES_TOTAL,
-            "Text WebSocket messages from the relay (ignored).",
-        ),
-        (
-            RELAY_OVERSIZED_TOTAL,
-            "Relay messages over the frame size limit.",
-        ),
-        (RELAY_INFO_TOTAL, "Relay #info frames, by name."),
-        (RELAY_ERRORS_TOTAL, "Relay error frames, by error."),
-        (
-            RELAY_SEQ_GAPS_TOTAL,
-            "Relay seq discontinuities, by kind.",
-        ),
-        (
-            PENDING_EVICTIONS_TOTAL,
-            "DIDs evicted from the pending-op map.",
-        ),
-        (
-            PENDING_OVERFLOWS_TOTAL,
-            "DIDs that hit the per-DID pending op bound.",
-        ),
-        (USERS_CREATED_TOTAL, "Users created, by result."),
-        (
-            USERS_STUB_RELEASES_TOTAL,
-            "DIDs released early as stubs, by reason.",
-        ),
-        (
-            USERS_EVENTS_HELD_TOTAL,
-            "Events that waited in a pending-op map.",
-        ),
-        (
-            USERS_IDENTITY_REFRESHES_TOTAL,
-            "#identity refreshes, by mode.",
-        ),
-        (
-            USERS_DB_ERRORS_TOTAL,
-            "Database errors of the users stage, by op.",
-        ),
-        (RERESOLVE_RUNS_TOTAL, "Identity re-resolution job runs."),
-        (
-            RERESOLVE_ACTORS_TOTAL,
-            "Actors re-resolved by the job, by result.",
-        ),
-        (
-            IDENTITY_CACHE_HITS_TOTAL,
-            "Identity cache hits, by cache.",
-        ),
-        (
-            IDENTITY_CACHE_MISSES_TOTAL,
-            "Identity cache misses, by cache.",
-        ),
-        (
-            IDENTITY_RESOLUTIONS_TOTAL,
-            "Identity resolutions, by result.",
-        ),
-        (
-            IDENTITY_HANDLE_CHECKS_TOTAL,
-            "Handle verifications, by validity.",
-        ),
-        (
-            USER_CREATION_FAILURES_TOTAL,
-            "User creations that ended as a stub, by reason.",
-        ),
-        (
-            ROWS_WRITTEN_TOTAL,
-            "Rows really inserted or deleted, by table and op.",
-        ),
-        (
-            DB_RETRIES_TOTAL,
-            "Transaction retries, by SQLSTATE or cause.",
-        ),
-        (
-            DB_TX_FAILURES_TOTAL,
-            "Transactions that failed for good, by reason.",
-        ),
-        (
-            DB_TX_TIMEOUTS_TOTAL,
-            "Transaction attempts cancelled at the transaction timeout.",
-        ),
-        (JOB_RUNS_TOTAL, "Background job runs, by job and outcome."),
-        (
-            JOB_ROWS_DELETED_TOTAL,
-            "Rows deleted by background jobs, by job.",
-        ),
-        (LEADER_ACQUISITIONS_TOTAL, "Leader lease acquisitions."),
-        (LEADER_LOST_TOTAL, "Leader leases lost."),
-        (
-            FENCE_CLAIMS_REFUSED_TOTAL,
-            "Fence claims refused (the database holds a newer fence).",
-        ),
-        (FENCED_TOTAL, "Terms ended by a newer leader's fence."),
-    ];
-    for (name, help) in counters {
-        describe_counter!(*name, *help);
-    }
-    let gauges: &[(&'static str, &'static str)] = &[
-        (RELAY_CONNECTED, "1 while connected to the relay."),
-        (RELAY_SEQ, "Highest seq received from the relay."),
-        (CURSOR_SEQ, "Durable cursor (last committed seq)."),
-        (LAG_EVENTS, "Relay seq received minus the durable cursor."),
-        (PENDING_DIDS, "DIDs in the pending-op map."),
-        (PENDING_OPS, "Ops in the pending-op map."),
-        (USERS_KNOWN_DIDS, "DIDs in the known-DID set."),
-        (
-            USERS_TASKS_IN_FLIGHT,
-            "User creations and refreshes in flight.",
-        ),
-        (USERS_QUEUE_DEPTH, "Users stage queue depth, by queue."),
-        (USERS_WATERMARK_SEQ, "Low watermark of the users stage."),
-        (IDENTITY_CACHE_ENTRIES, "Identity cache entries, by cache."),
-        (USER_CREATIONS_IN_FLIGHT, "User creations holding a permit."),
-        (
-            USER_CREATIONS_WAITING,
-            "User creations waiting for a permit.",
-        ),
-        (DB_POOL_SIZE, "Connections open in the pool."),
-        (DB_POOL_MAX, "Maximum pool size."),
-        (DB_POOL_IN_USE, "Connections checked out."),
-        (DB_POOL_IDLE, "Connections idle."),
-        (DB_POOL_WAITING, "Tasks waiting for a connection."),
-        (DB_POOL_UTILIZATION_RATIO, "Pool in use / max, last sample."),
-        (
-            DB_POOL_UTILIZATION_AVG_RATIO,
-            "Pool in use / max, average over a window.",
-        ),
-        (LEADER, "1 while this instance is the leader."),
-    ];
-    for (name, help) in gauges {
-        describe_gauge!(*name, *help);
-    }
-    describe_gauge!(
-        LAG_SECONDS,
-        Unit::Seconds,
-        "Now minus the time of the last committed event."
-    );
-    for (name, help) in [
-        (BATCH_SIZE_EVENTS, "Events per committed batch."),
-        (BATCH_SIZE_OPS, "Record ops per committed batch."),
-    ] {
-        describe_histogram!(name, Unit::Count, help);
-    }
-    for (name, help) in [
-        (
-            BATCH_FLUSH_SECONDS,
-            "Batch flush latency, first attempt to commit.",
-        ),
-        (DB_TX_SECONDS, "Transaction attempt duration, by outcome."),
-        (JOB_SECONDS, "Background job run duration, by job."),
-        (IDENTITY_RESOLUTION_SECONDS, "Identity resolution duration."),
-        (
-            USER_CREATION_WAIT_SECONDS,
-            "Time a user creation waited for a permit.",
-        ),
-    ] {
-        describe_histogram!(name, Unit::Seconds, help);
+/// Describes every metric of [`ALL`] to the installed recorder.
+fn describe_all() {
+    for m in ALL {
+        match (m.kind, m.unit) {
+            (Kind::Counter, None) => describe_counter!(m.name, m.help),
+            (Kind::Counter, Some(u)) => describe_counter!(m.name, u, m.help),
+            (Kind::Gauge, None) => describe_gauge!(m.name, m.help),
+            (Kind::Gauge, Some(u)) => describe_gauge!(m.name, u, m.help),
+            (Kind::Histogram, None) => describe_histogram!(m.name, m.help),
+            (Kind::Histogram, Some(u)) => describe_histogram!(m.name, u, m.help),
+        }
     }
 }
 
@@ -465,38 +388,71 @@ mod tests {
         drop(a);
     }
 
-    /// Every name constant: prefixed, unique, counters end in `_total`, and described.
+    /// Every declared metric: prefixed, unique, counters end in `_total` (and only they),
+    /// units in the name, labels bounded, help text present.
     #[test]
-    fn names_follow_conventions() {
-        let src = include_str!("metrics.rs");
-        let describe = &src[src.find("fn describe()").unwrap()..src.find("#[cfg(test)]").unwrap()];
+    fn declarations_follow_conventions() {
         let mut seen = std::collections::HashSet::new();
-        let mut n = 0;
-        let mut first_doc: Option<&str> = None;
-        for line in src.lines() {
-            if let Some(d) = line.strip_prefix("/// ") {
-                first_doc.get_or_insert(d);
-                continue;
+        for m in ALL {
+            let name = m.name;
+            assert!(name.starts_with("atproto_ingest_"), "{name}");
+            assert!(seen.insert(name), "duplicate {name}");
+            assert_eq!(
+                m.kind == Kind::Counter,
+                name.ends_with("_total"),
+                "only counters end in _total: {name}"
+            );
+            assert_eq!(
+                m.unit == Some(Unit::Seconds),
+                name.ends_with("_seconds"),
+                "seconds are in the name and the unit: {name}"
+            );
+            assert_eq!(
+                m.unit == Some(Unit::Bytes),
+                name.ends_with("_bytes"),
+                "{name}"
+            );
+            if name.ends_with("_ratio") {
+                assert_eq!(m.kind, Kind::Gauge, "{name}");
             }
-            let this_doc = first_doc.take().unwrap_or("");
-            let Some(rest) = line.strip_prefix("pub const ") else {
-                continue;
-            };
-            let Some((ident, value)) = rest.split_once(": &str = \"") else {
-                continue;
-            };
-            let value = value.trim_end_matches("\";");
-            n += 1;
-            assert!(value.starts_with("atproto_ingest_"), "{value}");
-            assert!(seen.insert(value), "duplicate {value}");
-            assert!(describe.contains(ident), "{ident} is not described");
-            if this_doc.starts_with("Counter") {
-                assert!(value.ends_with("_total"), "counter {value}");
-            } else {
-                assert!(!value.ends_with("_total"), "non-counter {value}");
+            for label in m.labels {
+                assert!(!label.is_empty(), "{name}");
+                assert!(
+                    !["did", "uri", "handle", "cid", "rkey"].contains(label),
+                    "unbounded label {label} on {name}"
+                );
+            }
+            assert!(
+                m.help.len() > 10 && m.help.ends_with('.'),
+                "help of {name}: {:?}",
+                m.help
+            );
+        }
+        assert!(ALL.len() > 50, "found only {} metrics", ALL.len());
+        assert!(ALL
+            .iter()
+            .any(|m| m.name == OPS_TOTAL && m.labels == ["action", "collection"]));
+    }
+
+    /// The recorder describes every declared metric: each has a `# HELP` line once used.
+    #[test]
+    fn every_metric_is_described() {
+        let handle = install();
+        for m in ALL {
+            match m.kind {
+                Kind::Counter => metrics::counter!(m.name).increment(0),
+                Kind::Gauge => metrics::gauge!(m.name).increment(0.0),
+                Kind::Histogram => metrics::histogram!(m.name).record(0.0),
             }
         }
-        assert!(n > 50, "found only {n} names");
+        let text = handle.render();
+        for m in ALL {
+            assert!(
+                text.contains(&format!("# HELP {} {}", m.name, m.help)),
+                "{} not described",
+                m.name
+            );
+        }
     }
 
     #[test]

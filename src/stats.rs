@@ -28,7 +28,7 @@ pub struct Tally {
 
 impl Tally {
     /// Counts one decoded frame's event, ops and records.
-    pub fn add_event(&mut self, frame: &DecodedFrame) {
+    pub(crate) fn add_event(&mut self, frame: &DecodedFrame) {
         if frame.non_canonical {
             self.non_canonical += 1;
         }
@@ -56,12 +56,12 @@ impl Tally {
     }
 
     /// Counts one skipped frame.
-    pub fn add_skipped(&mut self, reason: &'static str) {
+    pub(crate) fn add_skipped(&mut self, reason: &'static str) {
         *self.skipped.entry(reason).or_default() += 1;
     }
 
     /// Total events counted.
-    pub fn events(&self) -> u64 {
+    pub(crate) fn events(&self) -> u64 {
         self.events_by_type.values().sum()
     }
 

@@ -1,62 +1,25 @@
-//! Record blocks → typed records. Known `app.bsky` collections decode through atrium-api's
-//! record types and are checked against the lexicon constraints the App View relies on;
-//! every other collection becomes its atproto JSON form.
+//! Record blocks → typed records. Collections of the registry ([`crate::mapping`]) decode
+//! through atrium-api's record types and are checked against the lexicon constraints the App
+//! View relies on; every other collection becomes its atproto JSON form.
 
-use atrium_api::app::bsky::{actor, feed, graph};
+use atrium_api::app::bsky::feed;
 use base64::Engine;
 use ipld_core::ipld::Ipld;
-use unicode_segmentation::UnicodeSegmentation;
 
 use super::cbor::{self, TopLevel};
-use super::syntax::is_at_uri;
+use crate::mapping;
 
-/// A record of a collection this indexer has a table for.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(untagged)]
-pub enum KnownRecord {
-    Post(feed::post::RecordData),
-    Like(feed::like::RecordData),
-    Repost(feed::repost::RecordData),
-    Follow(graph::follow::RecordData),
-    Block(graph::block::RecordData),
-    Profile(actor::profile::RecordData),
-    List(graph::list::RecordData),
-    ListItem(graph::listitem::RecordData),
-    FeedGenerator(feed::generator::RecordData),
-    StarterPack(graph::starterpack::RecordData),
-    Threadgate(feed::threadgate::RecordData),
-    Postgate(feed::postgate::RecordData),
-}
-
-/// Collections with their own table (and lexicon checks).
-pub const KNOWN_COLLECTIONS: &[&str] = &[
-    "app.bsky.feed.post",
-    "app.bsky.feed.like",
-    "app.bsky.feed.repost",
-    "app.bsky.graph.follow",
-    "app.bsky.graph.block",
-    "app.bsky.actor.profile",
-    "app.bsky.graph.list",
-    "app.bsky.graph.listitem",
-    "app.bsky.feed.generator",
-    "app.bsky.graph.starterpack",
-    "app.bsky.feed.threadgate",
-    "app.bsky.feed.postgate",
-];
-
-pub fn is_known(collection: &str) -> bool {
-    KNOWN_COLLECTIONS.contains(&collection)
-}
+pub use crate::mapping::KnownRecord;
 
 /// Why a record was rejected: a short, bounded `kind` (for metrics) and a detail for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub kind: &'static str,
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl Rejection {
-    fn new(kind: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: &'static str, detail: impl Into<String>) -> Self {
         Self {
             kind,
             detail: detail.into(),
@@ -66,13 +29,13 @@ impl Rejection {
 
 /// The outcome of decoding one record block.
 #[derive(Debug, Clone)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     Known(Box<KnownRecord>),
     Generic(serde_json::Value),
 }
 
 /// Decodes a record block of `collection` with record key `rkey`.
-pub fn decode(collection: &str, rkey: &str, block: &[u8]) -> Result<Decoded, Rejection> {
+pub(crate) fn decode(collection: &str, rkey: &str, block: &[u8]) -> Result<Decoded, Rejection> {
     match cbor::map_type(block) {
         Ok(TopLevel::NotMap) => {
             return Err(Rejection::new("not_a_map", "record is not a CBOR map"))
@@ -80,7 +43,9 @@ pub fn decode(collection: &str, rkey: &str, block: &[u8]) -> Result<Decoded, Rej
         Ok(TopLevel::Map { type_: None }) => {
             return Err(Rejection::new("no_type", "record has no $type string"))
         }
-        Ok(TopLevel::Map { type_: Some(t) }) if t != collection && is_known(collection) => {
+        Ok(TopLevel::Map { type_: Some(t) })
+            if t != collection && mapping::is_known(collection) =>
+        {
             return Err(Rejection::new(
                 "type_mismatch",
                 format!("$type {t} in {collection}"),
@@ -89,135 +54,19 @@ pub fn decode(collection: &str, rkey: &str, block: &[u8]) -> Result<Decoded, Rej
         Ok(TopLevel::Map { .. }) => {}
         Err(e) => return Err(Rejection::new("bad_cbor", format!("{e:?}"))),
     }
-    let known = match collection {
-        "app.bsky.feed.post" => KnownRecord::Post(typed(block)?),
-        "app.bsky.feed.like" => KnownRecord::Like(typed(block)?),
-        "app.bsky.feed.repost" => KnownRecord::Repost(typed(block)?),
-        "app.bsky.graph.follow" => KnownRecord::Follow(typed(block)?),
-        "app.bsky.graph.block" => KnownRecord::Block(typed(block)?),
-        "app.bsky.actor.profile" => KnownRecord::Profile(typed(block)?),
-        "app.bsky.graph.list" => KnownRecord::List(typed(block)?),
-        "app.bsky.graph.listitem" => KnownRecord::ListItem(typed(block)?),
-        "app.bsky.feed.generator" => KnownRecord::FeedGenerator(typed(block)?),
-        "app.bsky.graph.starterpack" => KnownRecord::StarterPack(typed(block)?),
-        "app.bsky.feed.threadgate" => KnownRecord::Threadgate(typed(block)?),
-        "app.bsky.feed.postgate" => KnownRecord::Postgate(typed(block)?),
-        _ => {
+    match mapping::decode_known(collection, rkey, block) {
+        Some(known) => Ok(Decoded::Known(Box::new(known?))),
+        None => {
             let ipld: Ipld = serde_ipld_dagcbor::from_slice(block)
                 .map_err(|e| Rejection::new("bad_cbor", e.to_string()))?;
             super::datamodel::check(&ipld).map_err(|e| Rejection::new("data_model", e.0))?;
-            return Ok(Decoded::Generic(ipld_to_json(&ipld)));
+            Ok(Decoded::Generic(ipld_to_json(&ipld)))
         }
-    };
-    check(&known, rkey)?;
-    Ok(Decoded::Known(Box::new(known)))
-}
-
-fn typed<T: serde::de::DeserializeOwned>(block: &[u8]) -> Result<T, Rejection> {
-    serde_ipld_dagcbor::from_slice(block).map_err(|e| Rejection::new("schema", e.to_string()))
-}
-
-/// A string limit from the lexicon: UTF-8 bytes and graphemes.
-fn within(field: &str, s: &str, max_bytes: usize, max_graphemes: usize) -> Result<(), Rejection> {
-    if s.len() > max_bytes {
-        return Err(Rejection::new(
-            "too_long",
-            format!("{field}: {} bytes > {max_bytes}", s.len()),
-        ));
     }
-    // A string of n bytes has at most n graphemes: count only when it could matter.
-    if s.len() > max_graphemes && s.graphemes(true).count() > max_graphemes {
-        return Err(Rejection::new(
-            "too_long",
-            format!("{field}: more than {max_graphemes} graphemes"),
-        ));
-    }
-    Ok(())
-}
-
-fn at_uri(field: &str, s: &str) -> Result<(), Rejection> {
-    if is_at_uri(s) {
-        Ok(())
-    } else {
-        Err(Rejection::new("bad_at_uri", format!("{field}: {s:?}")))
-    }
-}
-
-fn non_empty(field: &str, s: &str) -> Result<(), Rejection> {
-    if s.is_empty() {
-        Err(Rejection::new("empty", format!("{field} is empty")))
-    } else {
-        Ok(())
-    }
-}
-
-/// Lexicon constraints that serde types do not enforce (lengths, URI formats, rkeys).
-fn check(record: &KnownRecord, rkey: &str) -> Result<(), Rejection> {
-    match record {
-        KnownRecord::Post(p) => {
-            within("text", &p.text, 3000, 300)?;
-            if let Some(reply) = &p.reply {
-                at_uri("reply.root", &reply.root.uri)?;
-                at_uri("reply.parent", &reply.parent.uri)?;
-            }
-            if let Some(langs) = &p.langs {
-                if langs.len() > 3 {
-                    return Err(Rejection::new("too_many", "langs: more than 3"));
-                }
-            }
-            if let Some(tags) = &p.tags {
-                if tags.len() > 8 {
-                    return Err(Rejection::new("too_many", "tags: more than 8"));
-                }
-            }
-            if let Some(quoted) = quoted_uri(p) {
-                at_uri("embed.record", quoted)?;
-            }
-        }
-        KnownRecord::Like(l) => at_uri("subject.uri", &l.subject.uri)?,
-        KnownRecord::Repost(r) => at_uri("subject.uri", &r.subject.uri)?,
-        KnownRecord::Follow(_) | KnownRecord::Block(_) => {}
-        KnownRecord::Profile(p) => {
-            if rkey != "self" {
-                return Err(Rejection::new(
-                    "bad_rkey",
-                    format!("profile rkey {rkey:?} is not self"),
-                ));
-            }
-            if let Some(n) = &p.display_name {
-                within("displayName", n, 640, 64)?;
-            }
-            if let Some(d) = &p.description {
-                within("description", d, 2560, 256)?;
-            }
-        }
-        KnownRecord::List(l) => {
-            non_empty("name", &l.name)?;
-            within("name", &l.name, 64, 64)?;
-            if let Some(d) = &l.description {
-                within("description", d, 3000, 300)?;
-            }
-        }
-        KnownRecord::ListItem(i) => at_uri("list", &i.list)?,
-        KnownRecord::FeedGenerator(g) => {
-            within("displayName", &g.display_name, 240, 24)?;
-            if let Some(d) = &g.description {
-                within("description", d, 3000, 300)?;
-            }
-        }
-        KnownRecord::StarterPack(s) => {
-            non_empty("name", &s.name)?;
-            within("name", &s.name, 500, 50)?;
-            at_uri("list", &s.list)?;
-        }
-        KnownRecord::Threadgate(t) => at_uri("post", &t.post)?,
-        KnownRecord::Postgate(p) => at_uri("post", &p.post)?,
-    }
-    Ok(())
 }
 
 /// The atproto JSON form of a DAG-CBOR value: links as `{"$link"}`, bytes as `{"$bytes"}`.
-pub fn ipld_to_json(v: &Ipld) -> serde_json::Value {
+pub(crate) fn ipld_to_json(v: &Ipld) -> serde_json::Value {
     use serde_json::Value;
     match v {
         Ipld::Null => Value::Null,
@@ -247,7 +96,7 @@ pub fn ipld_to_json(v: &Ipld) -> serde_json::Value {
 }
 
 /// The URI of the record a post quotes (`embed.record` or `embed.recordWithMedia`).
-pub fn quoted_uri(p: &feed::post::RecordData) -> Option<&str> {
+pub(crate) fn quoted_uri(p: &feed::post::RecordData) -> Option<&str> {
     use atrium_api::types::Union;
     use feed::post::RecordEmbedRefs as E;
     match p.embed.as_ref()? {
@@ -258,7 +107,7 @@ pub fn quoted_uri(p: &feed::post::RecordData) -> Option<&str> {
 }
 
 /// DIDs mentioned in a post's facets.
-pub fn mentioned_dids(p: &feed::post::RecordData) -> impl Iterator<Item = &str> {
+pub(crate) fn mentioned_dids(p: &feed::post::RecordData) -> impl Iterator<Item = &str> {
     use atrium_api::app::bsky::richtext::facet::MainFeaturesItem as F;
     use atrium_api::types::Union;
     p.facets

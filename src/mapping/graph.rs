@@ -2,32 +2,76 @@
 
 use atrium_api::app::bsky::graph::{list, listitem, starterpack};
 
+use super::columns::{opt_text, text, Col, Val};
 use super::Meta;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ListRow {
-    pub meta: Meta,
-    pub name: String,
-    pub purpose: String,
-    pub description: Option<String>,
+pub(crate) struct ListRow {
+    pub(crate) meta: Meta,
+    pub(crate) name: String,
+    pub(crate) purpose: String,
+    pub(crate) description: Option<String>,
+}
+
+/// The columns of [`ListRow::values`].
+pub(crate) const LIST: &[Col] = &[
+    Col::text("name"),
+    Col::text("purpose"),
+    Col::text("description"),
+];
+
+impl ListRow {
+    pub(crate) fn values(&self) -> Vec<Val<'_>> {
+        vec![
+            text(&self.name),
+            text(&self.purpose),
+            opt_text(&self.description),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ListItemRow {
-    pub meta: Meta,
-    pub list_uri: String,
-    pub subject_did: String,
+pub(crate) struct ListItemRow {
+    pub(crate) meta: Meta,
+    pub(crate) list_uri: String,
+    pub(crate) subject_did: String,
+}
+
+/// The columns of [`ListItemRow::values`].
+pub(crate) const LIST_ITEM: &[Col] = &[Col::text("list_uri"), Col::text("subject_did")];
+
+impl ListItemRow {
+    pub(crate) fn values(&self) -> Vec<Val<'_>> {
+        vec![text(&self.list_uri), text(&self.subject_did)]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct StarterPackRow {
-    pub meta: Meta,
-    pub name: String,
-    pub list_uri: String,
-    pub description: Option<String>,
+pub(crate) struct StarterPackRow {
+    pub(crate) meta: Meta,
+    pub(crate) name: String,
+    pub(crate) list_uri: String,
+    pub(crate) description: Option<String>,
 }
 
-pub fn list(meta: Meta, l: &list::RecordData) -> ListRow {
+/// The columns of [`StarterPackRow::values`].
+pub(crate) const STARTER_PACK: &[Col] = &[
+    Col::text("name"),
+    Col::text("list_uri"),
+    Col::text("description"),
+];
+
+impl StarterPackRow {
+    pub(crate) fn values(&self) -> Vec<Val<'_>> {
+        vec![
+            text(&self.name),
+            text(&self.list_uri),
+            opt_text(&self.description),
+        ]
+    }
+}
+
+pub(crate) fn list(meta: Meta, l: &list::RecordData) -> ListRow {
     ListRow {
         meta,
         name: l.name.clone(),
@@ -36,7 +80,7 @@ pub fn list(meta: Meta, l: &list::RecordData) -> ListRow {
     }
 }
 
-pub fn list_item(meta: Meta, i: &listitem::RecordData) -> ListItemRow {
+pub(crate) fn list_item(meta: Meta, i: &listitem::RecordData) -> ListItemRow {
     ListItemRow {
         meta,
         list_uri: i.list.clone(),
@@ -44,7 +88,7 @@ pub fn list_item(meta: Meta, i: &listitem::RecordData) -> ListItemRow {
     }
 }
 
-pub fn starter_pack(meta: Meta, s: &starterpack::RecordData) -> StarterPackRow {
+pub(crate) fn starter_pack(meta: Meta, s: &starterpack::RecordData) -> StarterPackRow {
     StarterPackRow {
         meta,
         name: s.name.clone(),

@@ -2,27 +2,53 @@
 
 use atrium_api::com::atproto::repo::strong_ref;
 
+use super::columns::{text, Col, Val};
 use super::Meta;
 
 /// `likes` / `reposts`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SubjectRefRow {
-    pub meta: Meta,
-    pub subject_uri: String,
-    pub subject_cid: String,
+pub(crate) struct SubjectRefRow {
+    pub(crate) meta: Meta,
+    pub(crate) subject_uri: String,
+    pub(crate) subject_cid: String,
+}
+
+/// The columns of [`SubjectRefRow::values`].
+pub(crate) const SUBJECT_REF: &[Col] = &[Col::text("subject_uri"), Col::text("subject_cid")];
+
+impl SubjectRefRow {
+    pub(crate) fn values(&self) -> Vec<Val<'_>> {
+        vec![text(&self.subject_uri), text(&self.subject_cid)]
+    }
 }
 
 /// `follows` / `blocks`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SubjectDidRow {
-    pub meta: Meta,
-    pub subject_did: String,
+pub(crate) struct SubjectDidRow {
+    pub(crate) meta: Meta,
+    pub(crate) subject_did: String,
 }
 
-pub fn subject_ref(meta: Meta, subject: &strong_ref::Main) -> SubjectRefRow {
+/// The columns of [`SubjectDidRow::values`].
+pub(crate) const SUBJECT_DID: &[Col] = &[Col::text("subject_did")];
+
+impl SubjectDidRow {
+    pub(crate) fn values(&self) -> Vec<Val<'_>> {
+        vec![text(&self.subject_did)]
+    }
+}
+
+pub(crate) fn subject_ref(meta: Meta, subject: &strong_ref::Main) -> SubjectRefRow {
     SubjectRefRow {
         meta,
         subject_uri: subject.uri.clone(),
         subject_cid: subject.cid.as_ref().to_string(),
+    }
+}
+
+pub(crate) fn subject_did(meta: Meta, subject: &atrium_api::types::string::Did) -> SubjectDidRow {
+    SubjectDidRow {
+        meta,
+        subject_did: subject.as_str().to_owned(),
     }
 }

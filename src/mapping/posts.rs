@@ -2,30 +2,31 @@
 
 use atrium_api::app::bsky::feed::post::RecordData;
 
+use super::columns::{json as json_val, opt_text, text, Col, Val};
 use super::{json, Meta, Origin};
 use crate::firehose::record::{mentioned_dids, quoted_uri};
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct PostRow {
-    pub meta: Meta,
-    pub text: String,
-    pub reply_root_uri: Option<String>,
-    pub reply_root_cid: Option<String>,
-    pub reply_parent_uri: Option<String>,
-    pub reply_parent_cid: Option<String>,
-    pub quote_uri: Option<String>,
-    pub quote_cid: Option<String>,
-    pub embed: Option<serde_json::Value>,
+pub(crate) struct PostRow {
+    pub(crate) meta: Meta,
+    pub(crate) text: String,
+    pub(crate) reply_root_uri: Option<String>,
+    pub(crate) reply_root_cid: Option<String>,
+    pub(crate) reply_parent_uri: Option<String>,
+    pub(crate) reply_parent_cid: Option<String>,
+    pub(crate) quote_uri: Option<String>,
+    pub(crate) quote_cid: Option<String>,
+    pub(crate) embed: Option<serde_json::Value>,
     /// Comma-joined language tags (BCP-47 tags contain no commas).
-    pub langs: Option<String>,
-    pub facets: Option<serde_json::Value>,
-    pub commit_seq: i64,
-    pub commit_time: Option<chrono::DateTime<chrono::Utc>>,
+    pub(crate) langs: Option<String>,
+    pub(crate) facets: Option<serde_json::Value>,
+    pub(crate) commit_seq: i64,
+    pub(crate) commit_time: Option<chrono::DateTime<chrono::Utc>>,
     /// Mentioned DIDs (for notifications; not a column).
-    pub mentions: Vec<String>,
+    pub(crate) mentions: Vec<String>,
 }
 
-pub fn map(meta: Meta, origin: Origin<'_>, p: &RecordData) -> PostRow {
+pub(crate) fn map(meta: Meta, origin: Origin<'_>, p: &RecordData) -> PostRow {
     let quote_cid = p.embed.as_ref().and_then(|_| quoted_cid(p));
     let mut mentions: Vec<String> = mentioned_dids(p).map(str::to_owned).collect();
     mentions.sort();
@@ -50,6 +51,41 @@ pub fn map(meta: Meta, origin: Origin<'_>, p: &RecordData) -> PostRow {
         commit_time: origin.time,
         mentions,
         meta,
+    }
+}
+
+/// The columns of [`PostRow::values`].
+pub(crate) const COLUMNS: &[Col] = &[
+    Col::text("text"),
+    Col::text("reply_root_uri"),
+    Col::text("reply_root_cid"),
+    Col::text("reply_parent_uri"),
+    Col::text("reply_parent_cid"),
+    Col::text("quote_uri"),
+    Col::text("quote_cid"),
+    Col::json("embed"),
+    Col::text("langs").select("string_to_array(u.langs, ',')"),
+    Col::json("facets"),
+    Col::int8("commit_seq"),
+    Col::ts("commit_time"),
+];
+
+impl PostRow {
+    pub(crate) fn values(&self) -> Vec<Val<'_>> {
+        vec![
+            text(&self.text),
+            opt_text(&self.reply_root_uri),
+            opt_text(&self.reply_root_cid),
+            opt_text(&self.reply_parent_uri),
+            opt_text(&self.reply_parent_cid),
+            opt_text(&self.quote_uri),
+            opt_text(&self.quote_cid),
+            json_val(&self.embed),
+            opt_text(&self.langs),
+            json_val(&self.facets),
+            Val::I(Some(self.commit_seq)),
+            Val::D(self.commit_time),
+        ]
     }
 }
 

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::firehose::event::{Commit, Unavailable};
 use crate::firehose::{Action, Event, EventKind, OpRecord};
-use crate::mapping::{self, Meta, Origin, Row, Table};
+use crate::mapping::{self, GenericRow, Meta, Origin, Row, Table};
 
 /// What the database knows of an actor at the start of the batch.
 #[derive(Debug, Clone, Default)]
@@ -21,7 +21,7 @@ pub struct ActorState {
 
 /// A record's final change within the batch.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Change {
+pub(crate) enum Change {
     Delete,
     /// Write this row. `replace`: an existing row with another CID must be replaced (an update,
     /// or a delete/update earlier in the batch); otherwise an existing row is left alone
@@ -56,7 +56,7 @@ pub struct PlanStats {
 }
 
 #[derive(Debug, Default)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Accounts deleted in this batch, sorted.
     pub purges: Vec<String>,
     /// Final change per record, in (table, uri) order: the stable key order of writes.
@@ -86,7 +86,7 @@ pub fn dids_of(events: &[Event]) -> Vec<String> {
     dids
 }
 
-pub fn build(events: &[Event], mut state: HashMap<String, ActorState>) -> Plan {
+pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) -> Plan {
     let mut plan = Plan::default();
     for ev in events {
         match &ev.kind {
@@ -167,7 +167,7 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
         let row = match (&op.action, &op.record) {
             (Action::Delete, _) => None,
             (_, OpRecord::Known(k)) => Some(mapping::known(origin, uri.clone(), cid, k)),
-            (_, OpRecord::Generic(v)) => Some(Row::Generic {
+            (_, OpRecord::Generic(v)) => Some(Row::Generic(GenericRow {
                 meta: Meta {
                     uri: uri.clone(),
                     cid,
@@ -181,7 +181,7 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
                 collection: op.collection.clone(),
                 rkey: op.rkey.clone(),
                 value: v.clone(),
-            }),
+            })),
             (action, OpRecord::Invalid(r)) => {
                 *plan
                     .stats
