@@ -133,6 +133,8 @@ impl Default for UsersStats {
 
 /// Starts the users stage on `rx`; returns the channel the batcher reads and the task.
 /// `creator` is `None` when resolution is off: then chunks pass through untouched.
+/// Aborting the returned task stops everything the stage started (creations, resolutions in
+/// flight, the scheduler); the pipeline holds it in an `AbortOnDropHandle`.
 pub(crate) fn spawn(
     rx: mpsc::Receiver<DecodedChunk>,
     queue: usize,
