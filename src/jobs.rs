@@ -1,12 +1,20 @@
-//! Background cleanup jobs (§8): expired sessions and expired OAuth states, deleted in bounded
-//! batches (one short autocommit statement each, no long table locks). Leader only: the caller
-//! starts [`run`] when it becomes leader and cancels it when it stops being leader.
+//! Leader-only background jobs: each runs on its interval until cancelled, a failed run is
+//! logged and counted (`job_runs_total`, `job_seconds` by `job`) and retried at the next
+//! interval. The caller starts them when it becomes leader and cancels them when it stops
+//! being leader.
+//!
+//! - Cleanup (§8, [`run`]): expired sessions and expired OAuth states, deleted in bounded
+//!   batches (one short autocommit statement each, no long table locks).
+//! - Re-resolution (§5, [`run_reresolve`]): stub actors whose retry time has passed get their
+//!   identity resolved again, a bounded batch per run.
 
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::{store, Creation, UserCreator};
 use crate::metrics as m;
 
 /// §8: sessions are cleaned every 60 minutes.
@@ -15,6 +23,12 @@ pub const DEFAULT_SESSIONS_INTERVAL: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_OAUTH_STATES_INTERVAL: Duration = Duration::from_secs(6 * 60 * 60);
 /// Rows per DELETE: a few ms of row locks per statement on this hardware.
 pub const DEFAULT_BATCH_SIZE: i64 = 1000;
+/// Re-resolution job period: stubs are retried with backoff of at least a minute anyway.
+pub const DEFAULT_RERESOLVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Actors re-resolved per job run: bounded so a run stays short and the PLC is not hammered.
+pub const DEFAULT_RERESOLVE_BATCH: i64 = 100;
+/// The `job` label of the re-resolution job.
+const RERESOLVE: &str = "reresolve";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -33,6 +47,12 @@ pub enum JobError {
     },
     #[error("{job}: batch size must be positive, got {batch}")]
     BadBatch { job: &'static str, batch: i64 },
+    #[error("{job}: database: {source}")]
+    Db {
+        job: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 /// A cleanup job.
@@ -107,9 +127,7 @@ pub async fn run_once(
     let started = Instant::now();
     let result = delete_batches(pool, job, batch, cancel).await;
     let elapsed = started.elapsed();
-    metrics::histogram!(m::JOB_SECONDS, "job" => name).record(elapsed.as_secs_f64());
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    metrics::counter!(m::JOB_RUNS_TOTAL, "job" => name, "outcome" => outcome).increment(1);
+    record_run(name, elapsed, result.is_ok());
     let (deleted, batches) = match &result {
         Ok(v) => *v,
         Err(JobError::Delete { deleted, .. }) => (*deleted, 0),
@@ -187,6 +205,120 @@ pub async fn run(pool: Pool, cfg: JobsConfig, cancel: CancellationToken) {
             tracing::error!(job = job.name(), error = %e, "cleanup job failed; will retry at its next interval");
         }
     }
+}
+
+/// What one re-resolution run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReresolveRun {
+    /// Actors due that were tried.
+    pub due: usize,
+    /// Resolved now.
+    pub resolved: usize,
+    /// Still unresolved (retry rescheduled with backoff).
+    pub stubs: usize,
+}
+
+/// One run of the re-resolution job: up to `limit` actors whose `next_resolve_at` has passed
+/// are resolved again (under the creator's semaphore) and the outcomes stored.
+pub async fn reresolve_once(
+    pool: &Pool,
+    creator: &UserCreator,
+    limit: i64,
+) -> Result<ReresolveRun, JobError> {
+    let mut run = ReresolveRun::default();
+    let Some(resolver) = creator.resolver() else {
+        return Ok(run);
+    };
+    let pool_err = |source| JobError::Pool {
+        job: RERESOLVE,
+        source,
+    };
+    let db_err = |source| JobError::Db {
+        job: RERESOLVE,
+        source,
+    };
+    let due = {
+        let client = pool.get().await.map_err(pool_err)?;
+        store::due(&client, limit).await.map_err(db_err)?
+    };
+    run.due = due.len();
+    let creations: Vec<Creation> = futures_util::stream::iter(due)
+        .map(|(did, failures)| async move {
+            // A refresh must not be answered from the cache.
+            resolver.invalidate(&did);
+            creator.create(&did, failures).await
+        })
+        .buffer_unordered(creator.concurrency())
+        .collect()
+        .await;
+    let client = pool.get().await.map_err(pool_err)?;
+    for creation in &creations {
+        store::store_creation(&client, creation)
+            .await
+            .map_err(db_err)?;
+        if creation.is_stub() {
+            run.stubs += 1;
+        } else {
+            run.resolved += 1;
+        }
+    }
+    metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "resolved")
+        .increment(run.resolved as u64);
+    metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "stub").increment(run.stubs as u64);
+    Ok(run)
+}
+
+/// The re-resolution job (§5): every `interval` (first run at once), resolves again a bounded
+/// batch ([`DEFAULT_RERESOLVE_BATCH`]) of stub actors whose retry time has passed. Runs until
+/// `cancel` (a run in progress is dropped, its resolutions with it); errors are logged and
+/// counted, never fatal. Share `creator` with the pipeline so both use one semaphore. Returns
+/// at once when resolution is switched off.
+pub async fn run_reresolve(
+    pool: Pool,
+    creator: UserCreator,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    if !creator.is_enabled() {
+        return;
+    }
+    let mut tick = self::interval(interval.max(Duration::from_millis(1)));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = reresolve_once(&pool, &creator, DEFAULT_RERESOLVE_BATCH) => r,
+        };
+        record_run(RERESOLVE, started.elapsed(), result.is_ok());
+        metrics::counter!(m::RERESOLVE_RUNS_TOTAL).increment(1);
+        match result {
+            Ok(run) if run.due > 0 => {
+                tracing::info!(
+                    job = RERESOLVE,
+                    due = run.due,
+                    resolved = run.resolved,
+                    unresolved = run.stubs,
+                    "re-resolved stub users"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics::counter!(m::USERS_DB_ERRORS_TOTAL, "op" => "reresolve").increment(1);
+                tracing::warn!(job = RERESOLVE, error = %e, "re-resolution run failed; will retry at its next interval");
+            }
+        }
+    }
+}
+
+/// Duration and outcome of one run of `job`.
+fn record_run(job: &'static str, elapsed: Duration, ok: bool) {
+    metrics::histogram!(m::JOB_SECONDS, "job" => job).record(elapsed.as_secs_f64());
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!(m::JOB_RUNS_TOTAL, "job" => job, "outcome" => outcome).increment(1);
 }
 
 fn interval(every: Duration) -> tokio::time::Interval {

@@ -119,6 +119,8 @@ impl UserCreator {
 
     /// Resolves `did`'s identity; `prior_failures` is the actor's `resolve_failures` so far.
     /// Never fails: an identity that cannot be resolved gives a stub with a retry time.
+    /// Spawns nothing: dropping the future (its task aborted) cancels the resolution in
+    /// flight and gives its permit back, so the caller's task owns the whole resolution.
     pub async fn create(&self, did: &str, prior_failures: u32) -> Creation {
         let Some(resolver) = &self.resolver else {
             return Creation::Stub {

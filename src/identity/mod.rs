@@ -4,7 +4,8 @@
 //! - [`Resolver`]: DID → [`DidDocument`] → handle checked back → [`Identity`], cached.
 //! - [`UserCreator`]: runs [`Resolver::resolve`] under a semaphore with a timeout; failure or
 //!   timeout gives a [`Creation::Stub`] with a backoff retry time.
-//! - [`store_resolved`] / [`store_failure`]: write the outcome into `actors`.
+//! - `store`: the `actors` SQL of user creation and re-resolution ([`store_resolved`] /
+//!   [`store_failure`] write an outcome).
 
 mod cache;
 pub mod config;
@@ -16,7 +17,7 @@ mod handle;
 pub mod metrics;
 mod netguard;
 mod resolver;
-mod store;
+pub(crate) mod store;
 
 pub use cache::TtlCache;
 pub use config::IdentityConfig;

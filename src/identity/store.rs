@@ -1,10 +1,17 @@
-//! Writes resolution outcomes into `actors` (the row itself is created by the writer).
+//! The `actors` SQL of user creation and re-resolution, in one place: looking an actor up,
+//! creating its row, writing a resolution's outcome, scheduling a resolution and listing the
+//! ones due. (The batch writer's own bulk insert of stub actors lives with the writer.)
 
 use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 
-use super::Identity;
+use super::{Creation, Identity};
+
+const LOOKUP_ACTOR: &str = "SELECT resolved_at IS NOT NULL, next_resolve_at IS NOT NULL, \
+     resolve_failures FROM actors WHERE did = $1";
+
+const INSERT_ACTOR: &str = "INSERT INTO actors (did) VALUES ($1) ON CONFLICT (did) DO NOTHING";
 
 const STORE_RESOLVED: &str = "UPDATE actors SET handle = $2, handle_valid = $3, \
      pds_endpoint = $4, signing_key = $5, resolved_at = now(), resolve_failures = 0, \
@@ -12,6 +19,96 @@ const STORE_RESOLVED: &str = "UPDATE actors SET handle = $2, handle_valid = $3, 
 
 const STORE_FAILURE: &str = "UPDATE actors SET resolve_failures = $2, \
      next_resolve_at = now() + make_interval(secs => $3) WHERE did = $1";
+
+/// Stub users (and refreshes that could not run now) get a resolution scheduled, unless one
+/// already is (a failed resolution's backoff is kept).
+const SCHEDULE_ACTOR: &str = "INSERT INTO actors (did, next_resolve_at) VALUES ($1, now()) \
+     ON CONFLICT (did) DO UPDATE SET next_resolve_at = now() WHERE actors.next_resolve_at IS NULL";
+
+const DUE_ACTORS: &str = "SELECT did, resolve_failures FROM actors \
+     WHERE next_resolve_at <= now() AND status <> 'deleted' ORDER BY next_resolve_at LIMIT $1";
+
+/// What the database says of an actor before creating it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Existing {
+    /// Its identity is resolved.
+    pub resolved: bool,
+    /// A resolution is scheduled (`next_resolve_at`).
+    pub scheduled: bool,
+    /// Consecutive failed resolutions so far.
+    pub failures: u32,
+}
+
+/// The actor row of `did`, if any.
+pub(crate) async fn lookup(
+    client: &deadpool_postgres::Client,
+    did: &str,
+) -> Result<Option<Existing>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(LOOKUP_ACTOR).await?;
+    let Some(row) = client.query_opt(&stmt, &[&did]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(Existing {
+        resolved: row.try_get(0)?,
+        scheduled: row.try_get(1)?,
+        failures: failures(row.try_get(2)?),
+    }))
+}
+
+/// Writes a creation's outcome: the actor row, then the resolved identity or the failure (a
+/// stub of switched-off resolution gets the bare row).
+pub(crate) async fn store_creation(
+    client: &deadpool_postgres::Client,
+    creation: &Creation,
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = client.prepare_cached(INSERT_ACTOR).await?;
+    client.execute(&stmt, &[&creation.did()]).await?;
+    match creation {
+        Creation::Resolved(identity) => {
+            store_resolved(&***client, identity).await?;
+        }
+        Creation::Stub {
+            did,
+            failures,
+            retry_after: Some(after),
+            ..
+        } => {
+            store_failure(&***client, did, *failures, *after).await?;
+        }
+        Creation::Stub { .. } => {}
+    }
+    Ok(())
+}
+
+/// Schedules the resolution of `dids` (stub users), one row per statement (no lock-order
+/// concerns between concurrent writers).
+pub(crate) async fn schedule(
+    client: &deadpool_postgres::Client,
+    dids: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = client.prepare_cached(SCHEDULE_ACTOR).await?;
+    for did in dids {
+        client.execute(&stmt, &[did]).await?;
+    }
+    Ok(())
+}
+
+/// Up to `limit` actors whose resolution is due, oldest first, with their failures so far.
+pub(crate) async fn due(
+    client: &deadpool_postgres::Client,
+    limit: i64,
+) -> Result<Vec<(String, u32)>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(DUE_ACTORS).await?;
+    let mut out = Vec::new();
+    for row in client.query(&stmt, &[&limit]).await? {
+        out.push((row.try_get(0)?, failures(row.try_get(1)?)));
+    }
+    Ok(out)
+}
+
+fn failures(column: i32) -> u32 {
+    u32::try_from(column).unwrap_or(0)
+}
 
 /// Records a resolved identity; returns the rows updated (0 if the actor does not exist yet).
 pub async fn store_resolved<C: GenericClient>(

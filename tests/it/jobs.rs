@@ -1,11 +1,13 @@
-//! Cleanup jobs against a real database: only expired rows go, in bounded batches.
+//! Background jobs against a real database: cleanup removes only expired rows, in bounded
+//! batches; re-resolution resolves only the stub actors that are due.
 use crate::common;
 
 use common::deadpool;
 
 use std::time::Duration;
 
-use atproto_ingest::jobs::{self, Job, JobsConfig};
+use atproto_ingest::identity::{IdentityConfig, UserCreator};
+use atproto_ingest::jobs::{self, Job, JobsConfig, ReresolveRun};
 use atproto_ingest::metrics;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -117,4 +119,128 @@ async fn run_loop_cleans_both_tables_at_start_and_stops_on_cancel(pg: PgPool) {
         .unwrap()
         .unwrap();
     pool.close();
+}
+
+/// (did, handle, resolved, failures, scheduled) of every actor, by DID.
+type Resolution = (String, Option<String>, bool, i32, bool);
+
+async fn resolutions(pg: &PgPool) -> Vec<Resolution> {
+    sqlx::query_as(
+        "SELECT did, handle, resolved_at IS NOT NULL, resolve_failures, \
+         next_resolve_at IS NOT NULL FROM actors ORDER BY did",
+    )
+    .fetch_all(pg)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn reresolve_resolves_only_due_stubs_and_runs_as_a_job(pg: PgPool) {
+    let handle = metrics::install();
+    let server = common::fake_identity::Server::start().await;
+    for did in ["did:plc:due", "did:plc:later", "did:plc:gone"] {
+        server.account(did, &format!("{}.test", &did[8..]), true);
+    }
+    sqlx::raw_sql(
+        "INSERT INTO actors (did, resolve_failures, next_resolve_at) VALUES
+           ('did:plc:due', 2, now() - interval '1 minute'),
+           ('did:plc:missing', 1, now() - interval '2 minutes'),
+           ('did:plc:later', 1, now() + interval '1 hour');
+         INSERT INTO actors (did, status, next_resolve_at)
+           VALUES ('did:plc:gone', 'deleted', now() - interval '1 minute');",
+    )
+    .execute(&pg)
+    .await
+    .unwrap();
+    let pool = deadpool(&pg, 2).await;
+    let creator = UserCreator::new(IdentityConfig {
+        resolve_identities: true,
+        ..server.config()
+    })
+    .unwrap();
+
+    let run = jobs::reresolve_once(&pool, &creator, 10).await.unwrap();
+    assert_eq!(
+        run,
+        ReresolveRun {
+            due: 2,
+            resolved: 1,
+            stubs: 1
+        }
+    );
+    let rows = resolutions(&pg).await;
+    let row = |did: &str| rows.iter().find(|r| r.0 == did).unwrap().clone();
+    assert_eq!(
+        row("did:plc:due"),
+        (
+            "did:plc:due".into(),
+            Some("due.test".into()),
+            true,
+            0,
+            false
+        )
+    );
+    // Not in the directory: one more failure, retried later with backoff.
+    assert_eq!(
+        row("did:plc:missing"),
+        ("did:plc:missing".into(), None, false, 2, true)
+    );
+    // Not due yet, or deleted: untouched, and never asked for.
+    assert_eq!(
+        row("did:plc:later"),
+        ("did:plc:later".into(), None, false, 1, true)
+    );
+    assert!(!row("did:plc:gone").2, "a deleted actor is not resolved");
+    assert_eq!(server.requests("/plc/did:plc:later"), 0);
+    assert_eq!(server.requests("/plc/did:plc:gone"), 0);
+    let missing_next: bool = sqlx::query_scalar(
+        "SELECT next_resolve_at > now() FROM actors WHERE did = 'did:plc:missing'",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert!(missing_next, "the failed actor's next try is in the future");
+
+    // The job loop: first run at once, counted with the other jobs, stops on cancel.
+    sqlx::query("UPDATE actors SET next_resolve_at = now() WHERE did = 'did:plc:later'")
+        .execute(&pg)
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(jobs::run_reresolve(
+        pool.clone(),
+        creator,
+        Duration::from_secs(3600),
+        cancel.clone(),
+    ));
+    for _ in 0..100 {
+        if row_resolved(&pg, "did:plc:later").await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(row_resolved(&pg, "did:plc:later").await);
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .unwrap()
+        .unwrap();
+    let text = handle.render();
+    assert!(
+        text.contains("atproto_ingest_job_runs_total{job=\"reresolve\",outcome=\"ok\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("atproto_ingest_job_seconds_bucket{job=\"reresolve\""),
+        "{text}"
+    );
+    pool.close();
+}
+
+async fn row_resolved(pg: &PgPool, did: &str) -> bool {
+    sqlx::query_scalar("SELECT resolved_at IS NOT NULL FROM actors WHERE did = $1")
+        .bind(did)
+        .fetch_one(pg)
+        .await
+        .unwrap()
 }

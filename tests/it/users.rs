@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
 use atproto_ingest::identity::{IdentityConfig, UserCreator};
+use atproto_ingest::jobs::run_reresolve;
 use atproto_ingest::pending::PendingConfig;
-use atproto_ingest::pipeline::users::{run_reresolve, UsersConfig};
+use atproto_ingest::pipeline::users::UsersConfig;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use atproto_ingest::replay::replay;
 use common::fake_identity::Server;
@@ -453,4 +454,78 @@ async fn killed_while_ops_are_pending_loses_nothing(pool: sqlx::PgPool) {
         seen.contains(&hung),
         "the hung DID resolved after the restart"
     );
+}
+
+/// Issue 9, "own every task": the pipeline dropped (a leader that lost its lease aborts its
+/// term this way) while user creations wait on a slow PLC writes nothing to `actors`
+/// afterwards, and the PLC gets no new request: the creations, their identity resolutions and
+/// the stub scheduler all stop with the pipeline.
+#[sqlx::test(migrations = false)]
+async fn dropping_the_pipeline_stops_user_creations_in_flight(pool: sqlx::PgPool) {
+    const DELAY: Duration = Duration::from_millis(1500);
+    let fx = small();
+    let server = start(&fx, &[]).await;
+    server.fake().default_delay = DELAY;
+    // Roomy bounds: every DID's events wait for its creation.
+    let c = users_cfg(
+        &server,
+        4,
+        Duration::from_secs(30),
+        PendingConfig {
+            max_dids: 1000,
+            max_ops_per_did: 10_000,
+        },
+    );
+    let stats = Arc::new(Stats::default());
+    let run = tokio::spawn({
+        let (db, stats) = (common::db_config(&pool), stats.clone());
+        async move {
+            replay(
+                &db,
+                vec![common::fixture("small.frames")],
+                cfg(c),
+                CancellationToken::new(),
+                stats,
+            )
+            .await
+        }
+    });
+    // Creations are waiting on the PLC (and more on the permits) before any resolves.
+    let started = Instant::now();
+    while server.shared.in_flight.load(Ordering::SeqCst) < 4
+        || stats.users.pending_dids.load(Ordering::Relaxed) == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no creation in flight: {} requests, {} pending DIDs, {:?}",
+            server.shared.in_flight.load(Ordering::SeqCst),
+            stats.users.pending_dids.load(Ordering::Relaxed),
+            stats.users
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stats.users.resolved.load(Ordering::Relaxed), 0);
+
+    run.abort();
+    assert!(run.await.unwrap_err().is_cancelled());
+    // Let statements already on the wire land before taking the snapshot.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rows = actors(&pool).await;
+    let requests = server.total_requests();
+
+    // Well past the time every creation waiting at the drop would have taken to finish.
+    tokio::time::sleep(DELAY * 3).await;
+    let after = actors(&pool).await;
+    assert_eq!(
+        after.len(),
+        rows.len(),
+        "actors rows written after the pipeline was dropped"
+    );
+    assert_eq!(after, rows, "actors changed after the pipeline was dropped");
+    assert_eq!(
+        server.total_requests(),
+        requests,
+        "the PLC got requests after the pipeline was dropped"
+    );
+    assert_eq!(server.shared.in_flight.load(Ordering::SeqCst), 0);
 }
