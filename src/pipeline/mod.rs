@@ -50,8 +50,6 @@ pub struct PipelineConfig {
     pub retry: RetryPolicy,
     /// Users stage: pending-op maps and identity resolution (off by default).
     pub users: UsersConfig,
-    /// Receives the durable cursor after every committed batch (the live client resumes from it).
-    pub durable: Option<watch::Sender<Option<i64>>>,
 }
 
 impl PipelineConfig {
@@ -63,7 +61,6 @@ impl PipelineConfig {
             cursor,
             retry: RetryPolicy::default(),
             users: UsersConfig::default(),
-            durable: None,
         }
     }
 }
@@ -94,6 +91,9 @@ pub enum PipelineError {
 
 /// Runs the pipeline until the input ends or `cancel` fires; everything read is written
 /// before it returns (drain), and the cursor covers exactly what was written.
+/// `creator` is the users stage's (from [`UsersConfig::creator`]; `None`: pass-through);
+/// `durable` receives the durable cursor after every committed batch (the live client
+/// resumes from it).
 ///
 /// Dropping the returned future aborts every stage at once (no drain): a leader that lost its
 /// lease stops writing this way. An aborted transaction rolls back.
@@ -101,10 +101,11 @@ pub async fn run(
     pool: Pool,
     cfg: PipelineConfig,
     input: Input,
+    creator: Option<crate::identity::UserCreator>,
+    durable: Option<watch::Sender<Option<i64>>>,
     cancel: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), PipelineError> {
-    let creator = cfg.users.creator()?;
     let (raw_tx, raw_rx) = mpsc::channel::<Vec<RawFrame>>(RAW_QUEUE_CHUNKS);
     let (dec_tx, dec_rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
@@ -147,10 +148,9 @@ pub async fn run(
     // cannot yet prove such futures `Send` for `tokio::spawn` (higher-ranked lifetime bug).
     // IO and timers still run on the runtime's workers.
     let writer = {
-        let (cursor, retry, durable, rt) = (
+        let (cursor, retry, rt) = (
             cfg.cursor.clone(),
             cfg.retry.clone(),
-            cfg.durable.clone(),
             tokio::runtime::Handle::current(),
         );
         tokio::task::spawn_blocking(move || {
