@@ -67,7 +67,7 @@ pub async fn record_args(args: RecordArgs, cancel: CancellationToken) -> Result<
 
 /// `record` from the command line: SIGTERM/SIGINT stop recording; what was received is
 /// written and the file flushed (then `Ok`).
-pub async fn record_command(opts: &RecordOptions) -> Result<u64, RecordError> {
+pub(crate) async fn record_command(opts: &RecordOptions) -> Result<u64, RecordError> {
     let cancel = CancellationToken::new();
     let _signals = crate::signals::install(cancel.clone()).map_err(RecordError::Signals)?;
     let n = record_args(opts.to_args(), cancel).await?;

@@ -63,7 +63,7 @@ pub async fn replay(
 
 /// `replay` from the command line: SIGTERM/SIGINT stop reading, what was read is still written
 /// and committed (then `Ok`); a progress bar on a terminal, a summary on stderr at the end.
-pub async fn replay_command(opts: &ReplayOptions) -> Result<(), ReplayError> {
+pub(crate) async fn replay_command(opts: &ReplayOptions) -> Result<(), ReplayError> {
     let (db, cfg) = opts.configs()?;
     let cancel = CancellationToken::new();
     let _signals = crate::signals::install(cancel.clone()).map_err(ReplayError::Signals)?;
@@ -117,7 +117,7 @@ pub struct MigrateOptions {
 }
 
 /// `migrate` from the command line: creates the database if needed and applies migrations.
-pub async fn migrate_command(opts: &MigrateOptions) -> Result<(), ReplayError> {
+pub(crate) async fn migrate_command(opts: &MigrateOptions) -> Result<(), ReplayError> {
     let db = opts.db.db_config()?;
     db::prepare(&db).await?;
     tracing::info!(database = %db::redact_url(&db.url), "migrations applied");

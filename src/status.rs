@@ -93,7 +93,10 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, StatusError> {
 }
 
 /// `status` from the command line: collects and prints (text or JSON) on `out`.
-pub async fn status_command(opts: &StatusOptions, out: &mut impl Write) -> Result<(), StatusError> {
+pub(crate) async fn status_command(
+    opts: &StatusOptions,
+    out: &mut impl Write,
+) -> Result<(), StatusError> {
     let s = collect(opts).await?;
     let written = if opts.json {
         writeln!(out, "{}", to_json(&s))

@@ -144,7 +144,7 @@ impl AppConfig {
 
 /// `run` from the command line: validates the options, installs the SIGTERM/SIGINT handlers
 /// (first: graceful stop; second: exit at once) and runs the daemon until it stops.
-pub async fn run_command(opts: &RunOptions) -> Result<(), AppError> {
+pub(crate) async fn run_command(opts: &RunOptions) -> Result<(), AppError> {
     let cfg = opts.to_config()?;
     let shutdown = CancellationToken::new();
     let _signals = crate::signals::install(shutdown.clone()).map_err(AppError::Signals)?;
