@@ -1,13 +1,19 @@
-//! Command-line interface: the clap definition of every subcommand and the global flags.
-//! Each subcommand's options live with the module that runs it; adding one is one variant.
+//! Command-line interface: the clap definition of every subcommand and the global flags, and
+//! [`Command::execute`], which hands each subcommand to the module that runs it (on an async
+//! runtime when it needs one). Each subcommand's options live with that module; adding one is
+//! one variant here.
+
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::app::RunOptions;
-use crate::inspect::InspectOptions;
-use crate::record::RecordOptions;
-use crate::replay::{MigrateOptions, ReplayOptions};
-use crate::status::StatusOptions;
+use crate::app::{self, AppError, RunOptions};
+use crate::inspect::{self, End, InspectError, InspectOptions};
+use crate::record::{self, RecordError, RecordOptions};
+use crate::replay::{self, MigrateOptions, ReplayError, ReplayOptions};
+use crate::status::{self, StatusError, StatusOptions};
 
 /// AT Protocol firehose indexer: subscribeRepos → PostgreSQL for an App View.
 #[derive(Debug, Parser)]
@@ -57,6 +63,75 @@ pub enum Command {
     Run(Box<RunOptions>),
     /// Print the durable cursors and the leader lease (holder, fence, progress, lag), then exit.
     Status(StatusOptions),
+}
+
+/// Why a subcommand failed; each variant is one subcommand's own error.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] io::Error),
+    #[error(transparent)]
+    Run(#[from] AppError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error("inspect {path}: {source}")]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: InspectError,
+    },
+    /// `inspect` printed what it could, then the file ended badly.
+    #[error("stopped early: {0}")]
+    InspectStoppedEarly(String),
+}
+
+impl Command {
+    /// Runs the subcommand to its end. `run`, `replay` and `record` stop gracefully on
+    /// SIGTERM/SIGINT and then return `Ok`.
+    pub fn execute(self) -> Result<(), CommandError> {
+        match self {
+            Command::Inspect(opts) => inspect(&opts),
+            Command::Replay(opts) => block_on(replay::replay_command(&opts)),
+            Command::Migrate(opts) => block_on(replay::migrate_command(&opts)),
+            Command::Record(opts) => block_on(record::record_command(&opts)).map(drop),
+            Command::Run(opts) => block_on(app::run_command(&opts)),
+            Command::Status(opts) => {
+                block_on(status::status_command(&opts, &mut io::stdout().lock()))
+            }
+        }
+    }
+}
+
+/// Runs `fut` on a new multi-threaded runtime.
+fn block_on<T, E>(fut: impl Future<Output = Result<T, E>>) -> Result<T, CommandError>
+where
+    CommandError: From<E>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CommandError::Runtime)?;
+    Ok(rt.block_on(fut)?)
+}
+
+/// `inspect`: events as JSON lines on stdout, the summary on stderr.
+fn inspect(opts: &InspectOptions) -> Result<(), CommandError> {
+    let mut out = io::BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    let summary =
+        inspect::inspect_file(opts, &mut out).map_err(|source| CommandError::Inspect {
+            path: opts.file.clone(),
+            source,
+        })?;
+    // Best effort: stderr going away is no reason to fail.
+    let _ = write!(io::stderr(), "{}", summary.tally);
+    match summary.end {
+        End::Fixture(e) => Err(CommandError::InspectStoppedEarly(e)),
+        End::Eof | End::Limit | End::OutputClosed => Ok(()),
+    }
 }
 
 #[cfg(test)]

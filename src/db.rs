@@ -193,6 +193,13 @@ pub async fn migrate(cfg: &DbConfig) -> Result<(), DbError> {
     result.map_err(|e| DbError::Migrate(e.to_string()))
 }
 
+/// Makes the database ready for the pipeline: creates it when it does not exist, then applies
+/// the migrations. The one start-up path of `run`, `replay` and `migrate`.
+pub async fn prepare(cfg: &DbConfig) -> Result<(), DbError> {
+    ensure_database(cfg).await?;
+    migrate(cfg).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,9 @@
 //! - [`cli`]: the command line (clap), one variant per subcommand.
 //! - [`inspect`]: `inspect FILE`, frames as JSON lines; [`stats`]: its tallies.
 //! - [`app`]: `run`, the daemon (leader election, live pipeline, operations tasks);
-//!   [`signals`]: SIGTERM/SIGINT; [`status`]: cursors and lease for operators.
+//!   [`tasks`]: the named-task registry every long-lived task is spawned through;
+//!   [`signals`]: SIGTERM/SIGINT for `run`, `replay` and `record`; [`status`]: cursors and
+//!   lease for operators.
 //!
 //! Operations:
 //! - [`pool_monitor`]: pool utilization samples, warnings, gauges.
@@ -61,6 +63,7 @@ pub mod replay;
 pub mod signals;
 pub mod stats;
 pub mod status;
+pub mod tasks;
 pub mod testrelay;
 pub mod txn;
 pub mod writer;

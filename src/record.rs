@@ -11,6 +11,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::firehose::cbor;
 use crate::firehose::client::{self, ClientConfig, ClientError};
@@ -33,6 +34,8 @@ pub enum RecordError {
     Client(#[from] ClientError),
     #[error("relay client task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("installing the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 /// What to record; the CLI fills this in.
@@ -62,6 +65,16 @@ pub async fn record_args(args: RecordArgs, cancel: CancellationToken) -> Result<
     .await
 }
 
+/// `record` from the command line: SIGTERM/SIGINT stop recording; what was received is
+/// written and the file flushed (then `Ok`).
+pub(crate) async fn record_command(opts: &RecordOptions) -> Result<u64, RecordError> {
+    let cancel = CancellationToken::new();
+    let _signals = crate::signals::install(cancel.clone()).map_err(RecordError::Signals)?;
+    let n = record_args(opts.to_args(), cancel).await?;
+    tracing::info!(frames = n, file = %opts.out.display(), "recorded");
+    Ok(n)
+}
+
 /// Records until `max_frames`, `max_duration`, `cancel`, or a permanent client error; returns
 /// the number of frames written. The file is flushed on every clean stop.
 pub async fn record(
@@ -84,7 +97,13 @@ pub async fn record(
     let (cursor_tx, cursor_rx) = watch::channel(cursor);
     let (tx, mut rx) = mpsc::channel(RECORD_CHANNEL_CAPACITY);
     let client_cancel = cancel.child_token();
-    let client_task = tokio::spawn(client::run(cfg, cursor_rx, tx, client_cancel.clone()));
+    // Owned: dropping this future (or returning early) stops the client too.
+    let client_task = AbortOnDropHandle::new(tokio::spawn(client::run(
+        cfg,
+        cursor_rx,
+        tx,
+        client_cancel.clone(),
+    )));
     let deadline = max_duration.map(|d| Instant::now() + d);
 
     let mut written: u64 = 0;

@@ -4,26 +4,37 @@
 //! skipped, and every write is `ON CONFLICT`-safe, so replaying a file again — or resuming an
 //! interrupted replay from the start — leaves the database as one clean replay would.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ConfigError;
 use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig, DbError};
+use crate::pipeline::users::{UsersError, DEFAULT_RESOLVE_IDENTITIES_REPLAY};
 use crate::pipeline::{self, Input, PipelineConfig, PipelineError, PipelineHandles, Stats};
 
 /// `firehose_cursor.service` of fixture replays (the live relay uses its host name).
 pub const REPLAY_SERVICE: &str = "replay";
 
+/// Why a replay (or `migrate`) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Users(#[from] UsersError),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error("fixture file {0} cannot be read: {1}")]
-    File(String, std::io::Error),
+    File(String, #[source] std::io::Error),
+    #[error("installing the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 /// Creates the database if needed, applies migrations, then replays `files` in order.
@@ -38,16 +49,39 @@ pub async fn replay(
     for f in &files {
         std::fs::metadata(f).map_err(|e| ReplayError::File(f.display().to_string(), e))?;
     }
-    db::ensure_database(db_cfg).await?;
-    db::migrate(db_cfg).await?;
+    let creator = cfg.users.creator()?;
+    db::prepare(db_cfg).await?;
     let pool = db::connect(db_cfg).await?;
     cfg.cursor = CursorKey {
         service: REPLAY_SERVICE.to_owned(),
         fence: 0,
     };
-    let handles = PipelineHandles::default();
+    let handles = PipelineHandles {
+        durable: None,
+        creator,
+    };
     pipeline::run(pool, cfg, handles, Input::Files(files), cancel, stats).await?;
     Ok(())
+}
+
+/// `replay` from the command line: SIGTERM/SIGINT stop reading, what was read is still written
+/// and committed (then `Ok`); a progress bar on a terminal, a summary on stderr at the end.
+pub(crate) async fn replay_command(opts: &ReplayOptions) -> Result<(), ReplayError> {
+    let (db, cfg) = opts.configs()?;
+    let cancel = CancellationToken::new();
+    let _signals = crate::signals::install(cancel.clone()).map_err(ReplayError::Signals)?;
+    let stats = Arc::new(Stats::default());
+    let done = CancellationToken::new();
+    let bar = crate::progress::spawn(stats.clone(), done.clone(), !opts.no_progress);
+    let result = replay(&db, opts.files.clone(), cfg, cancel, stats.clone()).await;
+    done.cancel();
+    // The bar only draws; its end (or panic) changes nothing about the replay.
+    let _ = bar.await;
+    if stats.frames.load(Ordering::Relaxed) > 0 {
+        // Best effort: stderr going away is no reason to fail.
+        let _ = write!(std::io::stderr(), "{}", stats.summary());
+    }
+    result
 }
 
 /// Options of `replay`.
@@ -70,16 +104,10 @@ pub struct ReplayOptions {
 
 impl ReplayOptions {
     /// Validated database and pipeline configs.
-    pub fn configs(&self) -> Result<(DbConfig, PipelineConfig), String> {
-        let db = self.db.db_config().map_err(|e| e.to_string())?;
-        let mut cfg = self
-            .batch
-            .pipeline_config(&self.db)
-            .map_err(|e| e.to_string())?;
-        cfg.users = self
-            .users
-            .to_config(crate::pipeline::users::DEFAULT_RESOLVE_IDENTITIES_REPLAY)
-            .map_err(|e| e.to_string())?;
+    pub fn configs(&self) -> Result<(DbConfig, PipelineConfig), ReplayError> {
+        let db = self.db.db_config()?;
+        let mut cfg = self.batch.pipeline_config(&self.db)?;
+        cfg.users = self.users.to_config(DEFAULT_RESOLVE_IDENTITIES_REPLAY)?;
         Ok((db, cfg))
     }
 }
@@ -91,8 +119,10 @@ pub struct MigrateOptions {
     pub db: crate::config::DbArgs,
 }
 
-/// Creates the database if needed and applies migrations.
-pub async fn migrate(db_cfg: &DbConfig) -> Result<(), DbError> {
-    db::ensure_database(db_cfg).await?;
-    db::migrate(db_cfg).await
+/// `migrate` from the command line: creates the database if needed and applies migrations.
+pub(crate) async fn migrate_command(opts: &MigrateOptions) -> Result<(), ReplayError> {
+    let db = opts.db.db_config()?;
+    db::prepare(&db).await?;
+    tracing::info!(database = %db::redact_url(&db.url), "migrations applied");
+    Ok(())
 }

@@ -7,11 +7,21 @@ use std::io::Write;
 
 use chrono::{DateTime, Utc};
 
-use crate::app::AppError;
-use crate::config::{check, DbArgs};
-use crate::cursor::{self, CursorRow};
-use crate::db::{self, redact_url};
-use crate::leader::{self, Elector, LeaderConfig, LeaseInfo};
+use crate::config::{check, ConfigError, DbArgs};
+use crate::cursor::{self, CursorError, CursorRow};
+use crate::db::{self, redact_url, DbError};
+use crate::leader::{self, Elector, LeaderConfig, LeaderError, LeaseInfo};
+
+/// Why `status` could not answer (only the database is required).
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+}
 
 /// Options of `status`.
 #[derive(Clone, clap::Args)]
@@ -46,12 +56,12 @@ impl std::fmt::Debug for StatusOptions {
 pub struct Status {
     pub cursors: Vec<CursorRow>,
     /// The lease as Redis sees it, or why Redis could not be asked.
-    pub leader: Result<LeaseInfo, String>,
+    pub leader: Result<LeaseInfo, LeaderError>,
     pub now: DateTime<Utc>,
 }
 
 /// Reads the cursors and the lease. Fails only when the database cannot be read.
-pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
+pub async fn collect(opts: &StatusOptions) -> Result<Status, StatusError> {
     let db_cfg = opts.db.db_config()?;
     check(
         redis::Client::open(opts.redis_url.as_str()).is_ok(),
@@ -64,7 +74,7 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
     let mut small = db_cfg.clone();
     small.pool_size = 1;
     let pool = db::connect(&small).await?;
-    let cursors = cursor::cursors(&pool).await.map_err(AppError::from)?;
+    let cursors = cursor::cursors(&pool).await?;
     let leader = match Elector::connect(LeaderConfig {
         redis_url: opts.redis_url.clone(),
         key_prefix: opts.leader_key_prefix.clone(),
@@ -72,8 +82,8 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
     })
     .await
     {
-        Ok(e) => e.lease_info().await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(e) => e.lease_info().await,
+        Err(e) => Err(e),
     };
     Ok(Status {
         cursors,
@@ -83,7 +93,10 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
 }
 
 /// `status` from the command line: collects and prints (text or JSON) on `out`.
-pub async fn status_command(opts: &StatusOptions, out: &mut impl Write) -> Result<(), AppError> {
+pub(crate) async fn status_command(
+    opts: &StatusOptions,
+    out: &mut impl Write,
+) -> Result<(), StatusError> {
     let s = collect(opts).await?;
     let written = if opts.json {
         writeln!(out, "{}", to_json(&s))
@@ -127,7 +140,7 @@ pub fn to_json(s: &Status) -> serde_json::Value {
             "fence": l.fence,
             "progress": progress(l),
         }),
-        Err(e) => serde_json::json!({ "error": e }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
     serde_json::json!({ "cursors": cursors, "leader": leader, "now": s.now.to_rfc3339() })
 }

@@ -1,7 +1,8 @@
 //! `atproto-ingest run` as child processes (the built binary), real PostgreSQL and Redis, the
 //! test relay in this process serving `small.frames` rate-limited so signals land mid-stream:
 //! SIGKILL and restart, two instances with one lease (crash and pause of the leader), SIGTERM
-//! drain and resume, and `status` after a run. Final state always equals the fixture's truth.
+//! drain and resume, and `status` after a run; `replay` stopped by SIGTERM and run again.
+//! Final state always equals the fixture's truth.
 use crate::{common, live_common};
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,6 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use atproto_ingest::replay::REPLAY_SERVICE;
 use atproto_ingest::testrelay::{TestRelay, TestRelayConfig};
 use live_common::{cursor, service, wait_cursor, LAST_SEQ, REDIS_URL};
 use tokio::time::Instant;
@@ -75,6 +77,21 @@ impl Proc {
             "--tx-timeout-ms",
             "2000",
         ];
+        Self::spawn(name, &args)
+    }
+
+    /// `replay small.frames` in small batches: many commits, so a signal lands between them.
+    fn replay(name: &'static str, pool: &sqlx::PgPool) -> Self {
+        let (db, file) = (common::db_config(pool).url, common::fixture("small.frames"));
+        let mut args = vec!["--log-format", "json", "replay", file.to_str().unwrap()];
+        args.extend([
+            "--database-url",
+            &db,
+            "--db-pool-size",
+            "4",
+            "--batch-max-ops",
+            "20",
+        ]);
         Self::spawn(name, &args)
     }
 
@@ -162,16 +179,21 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, then expect exit code 0 within the drain limit.
-    async fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        let st = self.wait_exit(DRAIN_LIMIT + SLACK).await;
+    /// Waits for the exit; expects code 0.
+    async fn wait_success(&mut self, limit: Duration) {
+        let st = self.wait_exit(limit).await;
         assert!(
             st.success(),
             "{} exited with {st}:\n{}",
             self.name,
             self.logs().join("\n")
         );
+    }
+
+    /// SIGTERM, then expect exit code 0 within the drain limit.
+    async fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        self.wait_success(DRAIN_LIMIT + SLACK).await;
     }
 
     /// The HTTP address the child bound (it was given port 0).
@@ -421,4 +443,36 @@ async fn sigterm_mid_stream_drains_then_restart_resumes_and_status_prints(pool: 
     );
     assert_eq!(j["leader"]["fence"].as_i64(), Some(fence), "{j}");
     live_common::cleanup(&prefix).await;
+}
+
+/// `replay` gets SIGTERM while batches are being committed: it writes what it read, commits the
+/// cursor and exits 0 (like `run`); a second replay then completes to the truth.
+#[sqlx::test(migrations = false)]
+async fn sigterm_mid_replay_commits_then_a_second_replay_completes(pool: sqlx::PgPool) {
+    let mut first = Proc::replay("replay#0", &pool);
+    wait_cursor(&pool, REPLAY_SERVICE, 1, STREAM_LIMIT).await;
+    first.signal(libc::SIGTERM);
+    let (at_signal, _) = cursor(&pool, REPLAY_SERVICE).await.unwrap();
+    assert!(at_signal < LAST_SEQ, "the signal must land mid-replay");
+    first.wait_success(STREAM_LIMIT).await;
+    let stop = first.messages("stopping gracefully");
+    let signal = stop.first().map(|v| v["fields"]["signal"].clone());
+    assert_eq!(
+        signal,
+        Some("SIGTERM".into()),
+        "{}",
+        first.logs().join("\n")
+    );
+    let (committed, _) = cursor(&pool, REPLAY_SERVICE).await.unwrap();
+    eprintln!("SIGTERM at cursor {at_signal}; committed {committed}");
+    assert!(committed >= at_signal, "what was read is committed");
+
+    Proc::replay("replay#1", &pool)
+        .wait_success(STREAM_LIMIT)
+        .await;
+    assert_eq!(
+        cursor(&pool, REPLAY_SERVICE).await.map(|c| c.0),
+        Some(LAST_SEQ)
+    );
+    common::assert_matches_truth(&pool, &common::truth("small")).await;
 }

@@ -44,7 +44,7 @@ use super::{DecodedChunk, Stats};
 use crate::identity::{IdentityError, UserCreator};
 /// The re-resolution job moved to [`crate::jobs`]; these names stay for `app` until it calls
 /// the job there.
-pub use crate::jobs::{run_reresolve, DEFAULT_RERESOLVE_INTERVAL};
+
 use crate::pending::{PendingError, PendingOps};
 pub use config::{
     UsersArgs, UsersConfig, DEFAULT_KNOWN_DIDS, DEFAULT_RESOLVE_IDENTITIES_REPLAY,
