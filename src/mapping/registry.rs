@@ -62,7 +62,8 @@ macro_rules! collections {
 
         impl Table {
             /// Every table, in write order.
-            pub(crate) const ALL: [Table; [$($name),*].len() + 1] = [$(Table::$table,)* Table::Records];
+            pub(crate) const ALL: [Table; [$($name),*].len() + 1] =
+                [$(Table::$table,)* Table::Records];
 
             pub(crate) fn for_collection(collection: &str) -> Table {
                 match collection {
@@ -156,7 +157,12 @@ macro_rules! collections {
         }
 
         /// Maps a known record to its row.
-        pub(crate) fn known(origin: Origin<'_>, uri: String, cid: String, record: &KnownRecord) -> Row {
+        pub(crate) fn known(
+            origin: Origin<'_>,
+            uri: String,
+            cid: String,
+            record: &KnownRecord,
+        ) -> Row {
             match record {
                 $(KnownRecord::$variant(r) => {
                     let created: fn(&$record) -> Option<&Datetime> = $created;
