@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::retry::{Backoff, Jitter};
+
 /// PLC directory of the public network.
 pub const DEFAULT_PLC_URL: &str = "https://plc.directory";
 /// Where a `did:web` document lives; `{host}` is the DID's host.
@@ -89,11 +91,21 @@ impl Default for IdentityConfig {
 impl IdentityConfig {
     /// Delay before retry number `failures` (1 = first failure): base · 2^(failures-1), capped.
     pub fn retry_delay(&self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(31);
-        self.retry_base
-            .checked_mul(1u32 << exp)
-            .unwrap_or(self.retry_cap)
-            .min(self.retry_cap)
+        self.retry_backoff().delay(failures)
+    }
+
+    /// The re-resolution schedule as the crate's one [`Backoff`]: no jitter (the delay is
+    /// written to `actors.next_resolve_at`), no bound on attempts (an unresolved actor is tried
+    /// again at least every `retry_cap`). Every failure gets the same schedule, "not found" and
+    /// invalid DIDs included: a DID missing now often resolves minutes later (a directory or
+    /// `did:web` host catching up), so none is treated as permanent.
+    pub(crate) fn retry_backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.retry_base,
+            max: self.retry_cap,
+            jitter: Jitter::None,
+            max_attempts: None,
+        }
     }
 }
 
