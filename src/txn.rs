@@ -13,7 +13,9 @@
 //!   next user of that connection; the server rolls back), and the attempt counts as one
 //!   retryable failure. Set [`RetryPolicy::retry_on_timeout`] to `false` to fail at once.
 //!
-//! Everything else (constraint violations, syntax errors, …) fails on the first attempt.
+//! Everything else (constraint violations, syntax errors, …) fails on the first attempt. The
+//! loop and the backoff are the crate's one retry helper, [`crate::retry`]; this module only
+//! sorts failures into transient and permanent.
 //! A connection lost *during COMMIT* leaves the outcome unknown; the retry re-runs the body,
 //! which is safe because writer bodies are idempotent (§4).
 //!
