@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::IdentityError;
 use crate::retry::{Backoff, Jitter};
 
 /// PLC directory of the public network.
@@ -94,11 +95,20 @@ impl IdentityConfig {
         self.retry_backoff().delay(failures)
     }
 
+    /// Delay before resolving again after `error`, the `failures`-th in a row: the backoff, or
+    /// at once the longest delay ([`IdentityError::is_permanent`]: the answer will not change
+    /// without a new event, and an `#identity` event refreshes a known actor anyway).
+    pub fn retry_delay_after(&self, error: &IdentityError, failures: u32) -> Duration {
+        if error.is_permanent() {
+            self.retry_cap
+        } else {
+            self.retry_delay(failures)
+        }
+    }
+
     /// The re-resolution schedule as the crate's one [`Backoff`]: no jitter (the delay is
     /// written to `actors.next_resolve_at`), no bound on attempts (an unresolved actor is tried
-    /// again at least every `retry_cap`). Every failure gets the same schedule, "not found" and
-    /// invalid DIDs included: a DID missing now often resolves minutes later (a directory or
-    /// `did:web` host catching up), so none is treated as permanent.
+    /// again at least every `retry_cap`).
     pub(crate) fn retry_backoff(&self) -> Backoff {
         Backoff {
             initial: self.retry_base,
@@ -122,5 +132,18 @@ mod tests {
         assert_eq!(c.retry_delay(5), DEFAULT_RETRY_BASE * 16);
         assert_eq!(c.retry_delay(12), DEFAULT_RETRY_CAP);
         assert_eq!(c.retry_delay(u32::MAX), DEFAULT_RETRY_CAP);
+    }
+
+    #[test]
+    fn permanent_errors_wait_the_longest_delay() {
+        let c = IdentityConfig::default();
+        let not_found = IdentityError::NotFound {
+            did: "did:plc:gone".into(),
+            status: 410,
+        };
+        assert_eq!(c.retry_delay_after(&not_found, 1), DEFAULT_RETRY_CAP);
+        let timeout = IdentityError::Timeout(Duration::from_secs(5));
+        assert_eq!(c.retry_delay_after(&timeout, 1), DEFAULT_RETRY_BASE);
+        assert_eq!(c.retry_delay_after(&timeout, 3), DEFAULT_RETRY_BASE * 4);
     }
 }

@@ -94,4 +94,12 @@ impl IdentityError {
             Self::ShuttingDown => "shutting_down",
         }
     }
+
+    /// Whether retrying soon is pointless (the answer will not change without a new event).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidDid(_) | Self::UnsupportedDid(_) | Self::NotFound { .. }
+        )
+    }
 }
