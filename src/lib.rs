@@ -60,6 +60,7 @@ pub mod pool_monitor;
 pub mod progress;
 pub mod record;
 pub mod replay;
+mod retry;
 pub mod signals;
 pub mod stats;
 pub mod status;

@@ -13,7 +13,9 @@
 //!   next user of that connection; the server rolls back), and the attempt counts as one
 //!   retryable failure. Set [`RetryPolicy::retry_on_timeout`] to `false` to fail at once.
 //!
-//! Everything else (constraint violations, syntax errors, …) fails on the first attempt.
+//! Everything else (constraint violations, syntax errors, …) fails on the first attempt. The
+//! loop and the backoff are the crate's one retry helper, [`crate::retry`]; this module only
+//! sorts failures into transient and permanent.
 //! A connection lost *during COMMIT* leaves the outcome unknown; the retry re-runs the body,
 //! which is safe because writer bodies are idempotent (§4).
 //!
@@ -29,6 +31,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
+use crate::retry::{self, Backoff, Jitter, RetryError};
 
 /// Retries after the first attempt (§6: "at most 3 retries").
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -37,7 +40,6 @@ pub const DEFAULT_BASE_DELAY: Duration = Duration::from_millis(100);
 /// Whole-transaction limit (§6 default 10 s).
 pub const DEFAULT_TX_TIMEOUT: Duration = Duration::from_secs(10);
 /// ± fraction of each backoff drawn at random, so colliding writers do not retry in lockstep.
-/// (backon's jitter only adds 0–100 %, which would blur the 100/200/400 ms steps.)
 pub const JITTER_FRACTION: f64 = 0.2;
 /// How long sending a cancel request for a timed-out query may take.
 const CANCEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,11 +68,18 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Backoff before retry number `retry` (1-based): `base · 2^(retry-1)` ± [`JITTER_FRACTION`].
     pub fn delay(&self, retry: u32) -> Duration {
-        let exp = self
-            .base_delay
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
-        let jitter = rand::random_range(-JITTER_FRACTION..=JITTER_FRACTION);
-        exp.mul_f64(1.0 + jitter)
+        self.backoff().delay(retry)
+    }
+
+    /// This policy as the crate's one [`Backoff`]: `max_retries + 1` attempts, no cap within
+    /// them (the exponent stops growing at 2^16).
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.base_delay,
+            max: self.base_delay.saturating_mul(1 << 16),
+            jitter: Jitter::Spread(JITTER_FRACTION),
+            max_attempts: Some(self.max_retries.saturating_add(1)),
+        }
     }
 }
 
@@ -153,81 +162,107 @@ where
     F: AsyncFnMut(&Transaction<'_>) -> Result<T, E>,
     E: StdError + From<tokio_postgres::Error> + 'static,
 {
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let failure = match attempt(pool, policy, cancel, &mut body).await {
-            Ok(v) => return Ok(v),
-            Err(f) => f,
-        };
-        let (retryable, label, err) = match failure {
-            Failure::Cancelled => return Err(fail("cancelled", TxError::Cancelled { attempts })),
-            Failure::Timeout => {
-                m_counter(m::DB_TX_TIMEOUTS_TOTAL);
-                let e = TxError::TimedOut {
-                    limit: policy.tx_timeout,
-                    attempts,
-                };
-                (policy.retry_on_timeout, "tx_timeout".to_owned(), e)
-            }
-            Failure::Pool(source) => {
-                let transient = pool_error_is_transient(&source);
-                (
-                    transient,
-                    "pool".to_owned(),
-                    TxError::Pool { attempts, source },
-                )
-            }
-            Failure::Body(source) => {
-                let pg = find_pg_error(&source);
-                let sqlstate = pg
-                    .and_then(|e| e.code())
-                    .map_or(NO_SQLSTATE, |c| c.code())
-                    .to_owned();
-                match pg.and_then(transient_reason) {
-                    Some(reason) => {
-                        let label = match sqlstate.as_str() {
-                            NO_SQLSTATE => "connection".to_owned(),
-                            s => s.to_owned(),
-                        };
-                        let e = TxError::RetriesExhausted {
-                            reason,
-                            sqlstate,
-                            attempts,
-                            source,
-                        };
-                        (true, label, e)
-                    }
-                    None => {
-                        let e = TxError::Permanent {
-                            sqlstate,
-                            attempts,
-                            source,
-                        };
-                        return Err(fail("permanent", e));
-                    }
+    let backoff = policy.backoff();
+    let result = retry::retry(
+        &backoff,
+        cancel,
+        async |attempts| match attempt(pool, policy, cancel, &mut body).await {
+            Ok(v) => Ok(v),
+            Err(f) => Err(classify(f, attempts, policy)),
+        },
+        |f| !f.retryable,
+        |f, attempts, delay| {
+            tracing::warn!(
+                attempt = attempts,
+                max_retries = policy.max_retries,
+                cause = %f.label,
+                delay_ms = delay.as_millis() as u64,
+                error = %f.error,
+                "transaction failed with a transient error; retrying"
+            );
+            metrics::counter!(m::DB_RETRIES_TOTAL, "sqlstate" => f.label.clone()).increment(1);
+        },
+    )
+    .await;
+    match result {
+        Ok(v) => Ok(v),
+        Err(RetryError::Permanent { error: f, .. } | RetryError::Exhausted { error: f, .. }) => {
+            Err(fail(reason_of(&f.error), f.error))
+        }
+        Err(RetryError::Cancelled { attempts, .. }) => {
+            Err(fail("cancelled", TxError::Cancelled { attempts }))
+        }
+    }
+}
+
+/// A failed attempt as the retry loop sees it: the error it would end with, whether it may be
+/// retried, and the `sqlstate` label of the retries counter.
+struct Failed<E: StdError + 'static> {
+    error: TxError<E>,
+    retryable: bool,
+    label: String,
+}
+
+/// Sorts one failure into permanent or transient (see the module docs).
+fn classify<E: StdError + 'static>(
+    failure: Failure<E>,
+    attempts: u32,
+    policy: &RetryPolicy,
+) -> Failed<E> {
+    let (retryable, label, error) = match failure {
+        Failure::Cancelled => (
+            false,
+            "cancelled".to_owned(),
+            TxError::Cancelled { attempts },
+        ),
+        Failure::Timeout => {
+            m_counter(m::DB_TX_TIMEOUTS_TOTAL);
+            let e = TxError::TimedOut {
+                limit: policy.tx_timeout,
+                attempts,
+            };
+            (policy.retry_on_timeout, "tx_timeout".to_owned(), e)
+        }
+        Failure::Pool(source) => (
+            pool_error_is_transient(&source),
+            "pool".to_owned(),
+            TxError::Pool { attempts, source },
+        ),
+        Failure::Body(source) => {
+            let pg = find_pg_error(&source);
+            let sqlstate = pg
+                .and_then(|e| e.code())
+                .map_or(NO_SQLSTATE, |c| c.code())
+                .to_owned();
+            match pg.and_then(transient_reason) {
+                Some(reason) => {
+                    let label = match sqlstate.as_str() {
+                        NO_SQLSTATE => "connection".to_owned(),
+                        s => s.to_owned(),
+                    };
+                    let e = TxError::RetriesExhausted {
+                        reason,
+                        sqlstate,
+                        attempts,
+                        source,
+                    };
+                    (true, label, e)
+                }
+                None => {
+                    let e = TxError::Permanent {
+                        sqlstate,
+                        attempts,
+                        source,
+                    };
+                    (false, "permanent".to_owned(), e)
                 }
             }
-        };
-        if !retryable || attempts > policy.max_retries {
-            return Err(fail(reason_of(&err), err));
         }
-        let delay = policy.delay(attempts);
-        tracing::warn!(
-            attempt = attempts,
-            max_retries = policy.max_retries,
-            cause = %label,
-            delay_ms = delay.as_millis() as u64,
-            error = %err,
-            "transaction failed with a transient error; retrying"
-        );
-        metrics::counter!(m::DB_RETRIES_TOTAL, "sqlstate" => label).increment(1);
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                return Err(fail("cancelled", TxError::Cancelled { attempts }));
-            }
-            _ = tokio::time::sleep(delay) => {}
-        }
+    };
+    Failed {
+        error,
+        retryable,
+        label,
     }
 }
 

@@ -65,11 +65,33 @@ pub struct DecodedFrame {
     pub non_canonical: bool,
 }
 
-#[derive(Deserialize)]
-struct Header<'a> {
-    op: i64,
+/// A frame's header: `op` 1 (message, `t` its type) or -1 (error).
+#[derive(Debug, Deserialize)]
+pub(crate) struct Header<'a> {
+    pub(crate) op: i64,
     #[serde(borrow, default)]
-    t: Option<&'a str>,
+    pub(crate) t: Option<&'a str>,
+}
+
+/// Reads a frame's header; returns it and where the body starts. The one header parser: the
+/// decoder and the relay client's peek both use it.
+#[inline]
+pub(crate) fn peek_header(msg: &[u8]) -> Result<(Header<'_>, usize), FrameError> {
+    let hlen = cbor::item_len(msg).map_err(|e| walk_error("header", e))?;
+    let header = serde_ipld_dagcbor::from_slice(&msg[..hlen])
+        .map_err(|e| FrameError::Header(e.to_string()))?;
+    Ok((header, hlen))
+}
+
+/// A message body read for its `seq` alone; every other field is skipped unread.
+#[derive(Deserialize)]
+struct SeqBody {
+    seq: i64,
+}
+
+/// The `seq` of an `op` 1 message body, without decoding the rest of it.
+pub(crate) fn peek_seq(bytes: &[u8]) -> Result<i64, FrameError> {
+    body::<SeqBody>(bytes).map(|b| b.seq)
 }
 
 #[derive(Deserialize)]
@@ -127,18 +149,20 @@ struct SyncBody {
     time: String,
 }
 
-#[derive(Deserialize)]
-struct InfoBody {
-    name: String,
+/// The body of an `#info` message.
+#[derive(Debug, PartialEq, Deserialize)]
+pub(crate) struct InfoBody {
+    pub(crate) name: String,
     #[serde(default)]
-    message: Option<String>,
+    pub(crate) message: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
+/// The body of an error frame (`op` -1).
+#[derive(Debug, PartialEq, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
     #[serde(default)]
-    message: Option<String>,
+    pub(crate) message: Option<String>,
 }
 
 fn walk_error(part: &str, e: WalkError) -> FrameError {
@@ -151,7 +175,8 @@ fn walk_error(part: &str, e: WalkError) -> FrameError {
     }
 }
 
-fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
+/// Decodes a whole message body as `T` (data after it is an error).
+pub(crate) fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
     serde_ipld_dagcbor::from_slice(bytes).map_err(|e| match e {
         serde_ipld_dagcbor::DecodeError::TrailingData => FrameError::TrailingData,
         serde_ipld_dagcbor::DecodeError::IndefiniteSize => {
@@ -166,9 +191,7 @@ pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
     if msg.is_empty() {
         return Err(FrameError::Empty);
     }
-    let hlen = cbor::item_len(msg).map_err(|e| walk_error("header", e))?;
-    let header: Header = serde_ipld_dagcbor::from_slice(&msg[..hlen])
-        .map_err(|e| FrameError::Header(e.to_string()))?;
+    let (header, hlen) = peek_header(msg)?;
     let rest = &msg[hlen..];
     if rest.is_empty() {
         return Err(FrameError::BodyMissing);

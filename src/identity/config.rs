@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use super::IdentityError;
+use crate::retry::{Backoff, Jitter};
+
 /// PLC directory of the public network.
 pub const DEFAULT_PLC_URL: &str = "https://plc.directory";
 /// Where a `did:web` document lives; `{host}` is the DID's host.
@@ -95,11 +98,30 @@ impl Default for IdentityConfig {
 impl IdentityConfig {
     /// Delay before retry number `failures` (1 = first failure): base · 2^(failures-1), capped.
     pub fn retry_delay(&self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(31);
-        self.retry_base
-            .checked_mul(1u32 << exp)
-            .unwrap_or(self.retry_cap)
-            .min(self.retry_cap)
+        self.retry_backoff().delay(failures)
+    }
+
+    /// Delay before resolving again after `error`, the `failures`-th in a row: the backoff, or
+    /// at once the longest delay ([`IdentityError::is_permanent`]: the answer will not change
+    /// without a new event, and an `#identity` event refreshes a known actor anyway).
+    pub fn retry_delay_after(&self, error: &IdentityError, failures: u32) -> Duration {
+        if error.is_permanent() {
+            self.retry_cap
+        } else {
+            self.retry_delay(failures)
+        }
+    }
+
+    /// The re-resolution schedule as the crate's one [`Backoff`]: no jitter (the delay is
+    /// written to `actors.next_resolve_at`), no bound on attempts (an unresolved actor is tried
+    /// again at least every `retry_cap`).
+    pub(crate) fn retry_backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.retry_base,
+            max: self.retry_cap,
+            jitter: Jitter::None,
+            max_attempts: None,
+        }
     }
 }
 
@@ -116,5 +138,18 @@ mod tests {
         assert_eq!(c.retry_delay(5), DEFAULT_RETRY_BASE * 16);
         assert_eq!(c.retry_delay(12), DEFAULT_RETRY_CAP);
         assert_eq!(c.retry_delay(u32::MAX), DEFAULT_RETRY_CAP);
+    }
+
+    #[test]
+    fn permanent_errors_wait_the_longest_delay() {
+        let c = IdentityConfig::default();
+        let not_found = IdentityError::NotFound {
+            did: "did:plc:gone".into(),
+            status: 410,
+        };
+        assert_eq!(c.retry_delay_after(&not_found, 1), DEFAULT_RETRY_CAP);
+        let timeout = IdentityError::Timeout(Duration::from_secs(5));
+        assert_eq!(c.retry_delay_after(&timeout, 1), DEFAULT_RETRY_BASE);
+        assert_eq!(c.retry_delay_after(&timeout, 3), DEFAULT_RETRY_BASE * 4);
     }
 }

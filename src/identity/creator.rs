@@ -147,7 +147,7 @@ impl UserCreator {
             Err(error) => {
                 metrics::counter!(CREATION_FAILURES, "reason" => error.kind()).increment(1);
                 let failures = prior_failures.saturating_add(1);
-                let retry_after = self.config.retry_delay(failures);
+                let retry_after = self.config.retry_delay_after(&error, failures);
                 debug!(did, %error, failures, ?retry_after, "identity unresolved: stub user");
                 Creation::Stub {
                     did: did.to_owned(),
