@@ -260,7 +260,7 @@ impl RunOptions {
             )?;
         }
         check(
-            redis::Client::open(self.redis_url.as_str()).is_ok(),
+            crate::tls::redis_client(&self.redis_url).is_ok(),
             "--redis-url",
             "REDIS_URL",
             "is not a Redis URL (redis://[user:password@]host:port[/db])",

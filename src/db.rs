@@ -1,9 +1,11 @@
 //! PostgreSQL: the runtime pool (deadpool-postgres), migrations (sqlx), database creation.
+//! Every connection honours the URL's `sslmode` / `sslrootcert` ([`crate::tls`]).
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+
+use crate::tls::{self, PgTls, SslMode, TlsError};
 
 /// Local default for developers: the quick start needs no configuration.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/atproto_ingest";
@@ -28,6 +30,8 @@ pub enum DbError {
     },
     #[error("creating the pool: {0}")]
     Pool(String),
+    #[error("DATABASE_URL TLS settings: {0}")]
+    Tls(#[from] TlsError),
     #[error("migrations failed: {0}")]
     Migrate(String),
     #[error(transparent)]
@@ -77,12 +81,16 @@ impl DbConfig {
         }
     }
 
-    /// The parsed connection settings, with `statement_timeout` set at connection start-up.
+    /// The parsed connection settings, with `statement_timeout` set at connection start-up
+    /// and TLS negotiated as `sslmode` says (use them with [`DbConfig::tls`]).
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, DbError> {
-        let mut cfg: tokio_postgres::Config = self
-            .url
+        let (url, params) = tls::split_pg_url(&self.url)?;
+        let mut cfg: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| DbError::BadUrl(e.to_string()))?;
+        if is_url(&self.url) {
+            cfg.ssl_mode(params.mode.negotiation());
+        }
         cfg.options(format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             self.statement_timeout.as_millis(),
@@ -93,6 +101,21 @@ impl DbConfig {
         Ok(cfg)
     }
 
+    /// The TLS connector for [`DbConfig::pg_config`]: checks the server's certificate as
+    /// `sslmode` asks (none for `prefer`/`require`). Reads `sslrootcert` now.
+    pub fn tls(&self) -> Result<PgTls, DbError> {
+        let (_, mut params) = tls::split_pg_url(&self.url)?;
+        if !is_url(&self.url) {
+            // key=value strings: tokio-postgres parsed disable/prefer/require itself.
+            params.mode = match self.pg_config()?.get_ssl_mode() {
+                tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+                tokio_postgres::config::SslMode::Require => SslMode::Require,
+                _ => SslMode::Prefer,
+            };
+        }
+        Ok(tls::pg_connector(&params)?)
+    }
+
     /// The database name the URL points at.
     pub fn database(&self) -> Result<String, DbError> {
         Ok(self
@@ -101,6 +124,10 @@ impl DbConfig {
             .unwrap_or("postgres")
             .to_owned())
     }
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
 /// The URL with any password replaced, for logs.
@@ -122,7 +149,7 @@ pub async fn connect(cfg: &DbConfig) -> Result<Pool, DbError> {
     let pg = cfg.pg_config()?;
     let mgr = Manager::from_config(
         pg,
-        NoTls,
+        cfg.tls()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -151,7 +178,7 @@ pub async fn ensure_database(cfg: &DbConfig) -> Result<(), DbError> {
     let mut admin = cfg.pg_config()?;
     admin.dbname("postgres");
     let (client, conn) = admin
-        .connect(NoTls)
+        .connect(cfg.tls()?)
         .await
         .map_err(|source| DbError::Unreachable {
             target: redact_url(&cfg.url),

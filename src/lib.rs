@@ -33,6 +33,7 @@
 //! - [`jobs`]: leader-only cleanup of expired sessions and OAuth states.
 //! - [`metrics`]: metric names and the Prometheus recorder; [`http`]: `/metrics`, `/healthz`,
 //!   `/readyz`; [`notify`]: systemd readiness and watchdog.
+//! - [`tls`]: TLS to PostgreSQL (`sslmode`) and Redis (`rediss://`).
 
 pub mod app;
 pub mod cli;
@@ -57,5 +58,6 @@ pub mod signals;
 pub mod stats;
 pub mod status;
 pub mod testrelay;
+pub mod tls;
 pub mod txn;
 pub mod writer;

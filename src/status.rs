@@ -53,7 +53,7 @@ pub struct Status {
 pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
     let db_cfg = opts.db.db_config()?;
     check(
-        redis::Client::open(opts.redis_url.as_str()).is_ok(),
+        crate::tls::redis_client(&opts.redis_url).is_ok(),
         "--redis-url",
         "REDIS_URL",
         "is not a Redis URL (redis://[user:password@]host:port[/db])",
