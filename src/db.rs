@@ -22,11 +22,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum DbError {
     #[error("DATABASE_URL is not a valid PostgreSQL URL ({0})")]
     BadUrl(String),
-    #[error("cannot reach PostgreSQL at {target}: {source}")]
+    /// The whole cause chain in one line (tokio-postgres names only the kind, e.g. "error
+    /// performing TLS handshake", and keeps the why in its source).
+    #[error("cannot reach PostgreSQL at {target}: {}", chain(cause))]
     Unreachable {
         target: String,
-        #[source]
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
     #[error("creating the pool: {0}")]
     Pool(String),
@@ -126,6 +127,21 @@ impl DbConfig {
     }
 }
 
+/// `e: its source: its source's source …`, each message once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 fn is_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
@@ -162,9 +178,9 @@ pub async fn connect(cfg: &DbConfig) -> Result<Pool, DbError> {
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))?;
     let conn = pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(source) => DbError::Unreachable {
+        deadpool_postgres::PoolError::Backend(cause) => DbError::Unreachable {
             target: redact_url(&cfg.url),
-            source,
+            cause,
         },
         other => DbError::Checkout(other),
     })?;
@@ -180,9 +196,9 @@ pub async fn ensure_database(cfg: &DbConfig) -> Result<(), DbError> {
     let (client, conn) = admin
         .connect(cfg.tls()?)
         .await
-        .map_err(|source| DbError::Unreachable {
+        .map_err(|cause| DbError::Unreachable {
             target: redact_url(&cfg.url),
-            source,
+            cause,
         })?;
     let task = tokio::spawn(conn);
     let exists = client

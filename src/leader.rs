@@ -159,6 +159,18 @@ impl Elector {
             )));
         }
         let client = crate::tls::redis_client(&cfg.redis_url)?;
+        // One attempt on a throwaway connection first: the manager retries a failed first
+        // connection until our timeout, which would hide why it failed (refused, TLS).
+        let probe = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_CALL_TIMEOUT))
+            .set_response_timeout(Some(REDIS_CALL_TIMEOUT));
+        drop(
+            timed(
+                REDIS_CALL_TIMEOUT,
+                client.get_multiplexed_async_connection_with_config(&probe),
+            )
+            .await?,
+        );
         let mgr_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_CALL_TIMEOUT))
             .set_response_timeout(Some(REDIS_CALL_TIMEOUT));

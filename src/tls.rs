@@ -17,7 +17,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The connector every PostgreSQL connection of the daemon uses (pool, admin, cancel).
@@ -28,7 +30,9 @@ pub const REDIS_CA_PARAM: &str = "ssl_ca_certs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("sslmode={0:?} is not supported (use disable, prefer, require, verify-ca or verify-full)")]
+    #[error(
+        "sslmode={0:?} is not supported (use disable, prefer, require, verify-ca or verify-full)"
+    )]
     BadSslMode(String),
     #[error("cannot read the CA file {path}: {source}")]
     ReadCa {
@@ -121,13 +125,11 @@ pub fn pg_connector(params: &PgTlsParams) -> Result<PgTls, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let verifier: Arc<dyn ServerCertVerifier> = match params.mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => {
-            Arc::new(EncryptOnly { provider })
-        }
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(EncryptOnly { provider }),
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let (roots, source) = match &params.root_cert {
-                Some(path) => (read_roots(path)?, format!("sslrootcert {}", path.display())),
-                None => (system_roots(), "the built-in Mozilla roots".to_owned()),
+            let roots = match &params.root_cert {
+                Some(path) => read_roots(path)?,
+                None => system_roots(),
             };
             let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
@@ -135,7 +137,6 @@ pub fn pg_connector(params: &PgTlsParams) -> Result<PgTls, TlsError> {
             Arc::new(Verify {
                 inner,
                 check_name: params.mode == SslMode::VerifyFull,
-                source,
             })
         }
     };
@@ -315,13 +316,11 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// `verify-ca` (chain only) and `verify-full` (chain and name), with errors that name the
-/// trust source.
+/// `verify-ca` (chain only) and `verify-full` (chain and name).
 #[derive(Debug)]
 struct Verify {
     inner: Arc<WebPkiServerVerifier>,
     check_name: bool,
-    source: String,
 }
 
 impl ServerCertVerifier for Verify {
@@ -344,11 +343,6 @@ impl ServerCertVerifier for Verify {
             Err(InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if !self.check_name => Ok(ServerCertVerified::assertion()),
-            Err(InvalidCertificate(CertificateError::UnknownIssuer)) => {
-                Err(InvalidCertificate(CertificateError::Other(rustls::OtherError(
-                    Arc::new(UntrustedIssuer(self.source.clone())),
-                ))))
-            }
             other => other,
         }
     }
@@ -375,10 +369,6 @@ impl ServerCertVerifier for Verify {
         self.inner.supported_verify_schemes()
     }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("the server's certificate is not signed by a CA in {0}")]
-struct UntrustedIssuer(String);
 
 #[cfg(test)]
 mod tests {
@@ -416,7 +406,10 @@ mod tests {
         );
         assert_eq!(
             take_param("rediss://h/0?ssl_ca_certs=/c.pem#insecure", REDIS_CA_PARAM),
-            ("rediss://h/0#insecure".to_owned(), Some("/c.pem".to_owned()))
+            (
+                "rediss://h/0#insecure".to_owned(),
+                Some("/c.pem".to_owned())
+            )
         );
         assert_eq!(
             take_param("redis://h/0?protocol=resp3", REDIS_CA_PARAM),
@@ -434,9 +427,14 @@ mod tests {
             mode: SslMode::VerifyFull,
             root_cert: Some(PathBuf::from("/nonexistent/ca.pem")),
         };
-        let e = pg_connector(&p).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = pg_connector(&p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
-        let e = redis_client("redis://h/0?ssl_ca_certs=/x.pem").err().map(|e| e.to_string());
+        let e = redis_client("redis://h/0?ssl_ca_certs=/x.pem")
+            .err()
+            .map(|e| e.to_string());
         assert!(e.unwrap_or_default().contains("rediss://"));
     }
 }
