@@ -56,7 +56,7 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, AppError> {
         crate::tls::redis_client(&opts.redis_url).is_ok(),
         "--redis-url",
         "REDIS_URL",
-        "is not a Redis URL (redis://[user:password@]host:port[/db])",
+        "is not a Redis URL (redis[s]://[user:password@]host:port[/db][?ssl_ca_certs=ca.pem]) or its CA file is unreadable",
         redact_url(&opts.redis_url),
     )?;
     // No pool of DB_POOL_SIZE connections for two queries.
