@@ -1,9 +1,11 @@
 //! PostgreSQL: the runtime pool (deadpool-postgres), migrations (sqlx), database creation.
+//! Every connection honours the URL's `sslmode` / `sslrootcert` ([`crate::tls`]).
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+
+use crate::tls::{self, PgTls, SslMode, TlsError};
 
 /// Local default for developers: the quick start needs no configuration.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/atproto_ingest";
@@ -20,14 +22,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum DbError {
     #[error("DATABASE_URL is not a valid PostgreSQL URL ({0})")]
     BadUrl(String),
-    #[error("cannot reach PostgreSQL at {target}: {source}")]
+    /// The whole cause chain in one line (tokio-postgres names only the kind, e.g. "error
+    /// performing TLS handshake", and keeps the why in its source).
+    #[error("cannot reach PostgreSQL at {target}: {}", chain(cause))]
     Unreachable {
         target: String,
-        #[source]
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
     #[error("creating the pool: {0}")]
     Pool(String),
+    #[error("DATABASE_URL TLS settings: {0}")]
+    Tls(#[from] TlsError),
     #[error("migrations failed: {0}")]
     Migrate(String),
     #[error(transparent)]
@@ -77,12 +82,16 @@ impl DbConfig {
         }
     }
 
-    /// The parsed connection settings, with `statement_timeout` set at connection start-up.
+    /// The parsed connection settings, with `statement_timeout` set at connection start-up
+    /// and TLS negotiated as `sslmode` says (use them with [`DbConfig::tls`]).
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, DbError> {
-        let mut cfg: tokio_postgres::Config = self
-            .url
+        let (url, params) = tls::split_pg_url(&self.url)?;
+        let mut cfg: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| DbError::BadUrl(e.to_string()))?;
+        if is_url(&self.url) {
+            cfg.ssl_mode(params.mode.negotiation());
+        }
         cfg.options(format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             self.statement_timeout.as_millis(),
@@ -93,6 +102,21 @@ impl DbConfig {
         Ok(cfg)
     }
 
+    /// The TLS connector for [`DbConfig::pg_config`]: checks the server's certificate as
+    /// `sslmode` asks (none for `prefer`/`require`). Reads `sslrootcert` now.
+    pub fn tls(&self) -> Result<PgTls, DbError> {
+        let (_, mut params) = tls::split_pg_url(&self.url)?;
+        if !is_url(&self.url) {
+            // key=value strings: tokio-postgres parsed disable/prefer/require itself.
+            params.mode = match self.pg_config()?.get_ssl_mode() {
+                tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+                tokio_postgres::config::SslMode::Require => SslMode::Require,
+                _ => SslMode::Prefer,
+            };
+        }
+        Ok(tls::pg_connector(&params)?)
+    }
+
     /// The database name the URL points at.
     pub fn database(&self) -> Result<String, DbError> {
         Ok(self
@@ -101,6 +125,25 @@ impl DbConfig {
             .unwrap_or("postgres")
             .to_owned())
     }
+}
+
+/// `e: its source: its source's source …`, each message once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
 /// The URL with any password replaced, for logs.
@@ -122,7 +165,7 @@ pub async fn connect(cfg: &DbConfig) -> Result<Pool, DbError> {
     let pg = cfg.pg_config()?;
     let mgr = Manager::from_config(
         pg,
-        NoTls,
+        cfg.tls()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -135,9 +178,9 @@ pub async fn connect(cfg: &DbConfig) -> Result<Pool, DbError> {
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))?;
     let conn = pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(source) => DbError::Unreachable {
+        deadpool_postgres::PoolError::Backend(cause) => DbError::Unreachable {
             target: redact_url(&cfg.url),
-            source,
+            cause,
         },
         other => DbError::Checkout(other),
     })?;
@@ -151,11 +194,11 @@ pub async fn ensure_database(cfg: &DbConfig) -> Result<(), DbError> {
     let mut admin = cfg.pg_config()?;
     admin.dbname("postgres");
     let (client, conn) = admin
-        .connect(NoTls)
+        .connect(cfg.tls()?)
         .await
-        .map_err(|source| DbError::Unreachable {
+        .map_err(|cause| DbError::Unreachable {
             target: redact_url(&cfg.url),
-            source,
+            cause,
         })?;
     let task = tokio::spawn(conn);
     let exists = client

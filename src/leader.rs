@@ -103,6 +103,8 @@ pub enum LeaderError {
     Config(String),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("redis call timed out after {0:?}")]
     Timeout(Duration),
 }
@@ -111,7 +113,7 @@ impl LeaderError {
     /// Whether retrying later may succeed (Redis down or slow), as opposed to a setup error.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Config(_) => false,
+            Self::Config(_) | Self::Tls(_) => false,
             Self::Timeout(_) => true,
             Self::Redis(e) => !matches!(e.retry_method(), redis::RetryMethod::NoRetry),
         }
@@ -156,7 +158,19 @@ impl Elector {
                 cfg.ttl / 3
             )));
         }
-        let client = redis::Client::open(cfg.redis_url.as_str())?;
+        let client = crate::tls::redis_client(&cfg.redis_url)?;
+        // One attempt on a throwaway connection first: the manager retries a failed first
+        // connection until our timeout, which would hide why it failed (refused, TLS).
+        let probe = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_CALL_TIMEOUT))
+            .set_response_timeout(Some(REDIS_CALL_TIMEOUT));
+        drop(
+            timed(
+                REDIS_CALL_TIMEOUT,
+                client.get_multiplexed_async_connection_with_config(&probe),
+            )
+            .await?,
+        );
         let mgr_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_CALL_TIMEOUT))
             .set_response_timeout(Some(REDIS_CALL_TIMEOUT));

@@ -39,6 +39,7 @@
 //! - [`jobs`]: leader-only cleanup of expired sessions and OAuth states.
 //! - [`metrics`]: metric names and the Prometheus recorder; [`http`]: `/metrics`, `/healthz`,
 //!   `/readyz`; [`notify`]: systemd readiness and watchdog.
+//! - [`tls`]: TLS to PostgreSQL (`sslmode`) and Redis (`rediss://`).
 
 pub mod app;
 pub mod cli;
@@ -66,5 +67,6 @@ pub mod stats;
 pub mod status;
 pub mod tasks;
 pub mod testrelay;
+pub mod tls;
 pub mod txn;
 pub mod writer;

@@ -64,10 +64,10 @@ pub struct Status {
 pub async fn collect(opts: &StatusOptions) -> Result<Status, StatusError> {
     let db_cfg = opts.db.db_config()?;
     check(
-        redis::Client::open(opts.redis_url.as_str()).is_ok(),
+        crate::tls::redis_client(&opts.redis_url).is_ok(),
         "--redis-url",
         "REDIS_URL",
-        "is not a Redis URL (redis://[user:password@]host:port[/db])",
+        "is not a Redis URL (redis[s]://[user:password@]host:port[/db][?ssl_ca_certs=ca.pem]) or its CA file is unreadable",
         redact_url(&opts.redis_url),
     )?;
     // No pool of DB_POOL_SIZE connections for two queries.

@@ -6,7 +6,7 @@ set -eu
 bin=$(realpath "${1:-target/debug/atproto-ingest}")
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-sed "s#^ExecStart=/usr/local/bin/atproto-ingest#ExecStart=$bin#" \
+sed "s#^ExecStart=/usr/bin/atproto-ingest#ExecStart=$bin#" \
     "$(dirname "$0")/atproto-ingest.service" > "$dir/atproto-ingest.service"
 out=$(systemd-analyze verify "$dir/atproto-ingest.service" 2>&1) || { echo "$out"; exit 1; }
 if [ -n "$out" ]; then echo "$out"; exit 1; fi

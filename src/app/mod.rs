@@ -56,7 +56,7 @@ use crate::jobs::{self, JobsConfig};
 use crate::leader::{Elector, LeaderConfig, LeaderError};
 use crate::metrics as m;
 use crate::notify;
-use crate::pipeline::users::{self, UsersError};
+use crate::pipeline::users::UsersError;
 use crate::pipeline::{PipelineConfig, PipelineError, Stats};
 use crate::pool_monitor::{self, PoolMonitor};
 use crate::tasks::{TaskError, Tasks};

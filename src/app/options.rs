@@ -137,10 +137,10 @@ impl RunOptions {
             )?;
         }
         check(
-            redis::Client::open(self.redis_url.as_str()).is_ok(),
+            crate::tls::redis_client(&self.redis_url).is_ok(),
             "--redis-url",
             "REDIS_URL",
-            "is not a Redis URL (redis://[user:password@]host:port[/db])",
+            "is not a Redis URL (redis[s]://[user:password@]host:port[/db][?ssl_ca_certs=ca.pem]) or its CA file is unreadable",
             redact_url(&self.redis_url),
         )?;
         check(

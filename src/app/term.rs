@@ -9,7 +9,6 @@ use crate::cursor::CursorKey;
 use crate::firehose::client;
 use crate::jobs;
 use crate::leader::Leadership;
-use crate::pipeline::users;
 use crate::pipeline::{self, Input, PipelineError};
 use crate::tasks::{TaskError, Tasks};
 use crate::txn::TxError;

@@ -7,9 +7,11 @@
 
 mod common;
 mod live_common;
+mod tls_common;
 
 mod decode_fixtures;
 mod decode_props;
+mod deploy;
 mod failover;
 mod http;
 mod identity;
@@ -21,5 +23,6 @@ mod netguard;
 mod process;
 mod relay_client;
 mod replay;
+mod tls;
 mod txn;
 mod users;
