@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::blocks::Blocks;
 use super::didkey::PublicKey;
 use super::error::VerifyError;
+use super::mst::{cid_for, encode_node, NodeData};
 use super::signature::unsigned_commit_bytes;
 use super::tree::PartialTree;
 use crate::firehose::event::{Action, Commit, OpRecord, Sync, Unavailable};
@@ -184,11 +185,25 @@ fn net_ops(ev: &Commit) -> Result<Vec<NetOp>, VerifyError> {
     Ok(out)
 }
 
+/// CID of the empty MST node `{e: [], l: null}`, the root of a repo without records.
+fn empty_tree_cid() -> Result<Cid, VerifyError> {
+    let empty = NodeData {
+        left: None,
+        entries: Vec::new(),
+    };
+    Ok(cid_for(&encode_node(&empty)?))
+}
+
 /// Proves every op of `ev` against the MST in its CAR: each op's record block is present,
 /// the signed tree (`commit.data`) holds each path's new value, and undoing the ops on that
 /// tree yields the event's `prevData`.
 pub fn prove_ops(ev: &Commit, blocks: &Blocks<'_>, commit: &SignedCommit) -> Result<(), VerifyError> {
-    let prev_data = ev.prev_data.ok_or(VerifyError::NoPrevData)?;
+    let prev_data = match (ev.prev_data, &ev.since) {
+        (Some(data), _) => data,
+        // A repo's first commit follows nothing: undoing it must give the empty tree.
+        (None, None) => empty_tree_cid()?,
+        (None, Some(_)) => return Err(VerifyError::NoPrevData),
+    };
     let ops = net_ops(ev)?;
     let mut tree = PartialTree::load(blocks, &commit.data)?;
     for op in &ops {
@@ -209,6 +224,9 @@ pub fn prove_ops(ev: &Commit, blocks: &Blocks<'_>, commit: &SignedCommit) -> Res
     }
     let computed = tree.root_cid()?;
     if computed != prev_data {
+        if let Some(cid) = tree.unresolved_root() {
+            return Err(VerifyError::MissingBlock(cid));
+        }
         return Err(VerifyError::PrevDataMismatch {
             computed,
             expected: prev_data,

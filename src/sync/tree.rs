@@ -104,9 +104,16 @@ impl Node {
         if let Some(cid) = self.cid {
             return Ok(cid);
         }
+        let cid = cid_for(&encode_node(&self.data()?)?);
+        self.cid = Some(cid);
+        Ok(cid)
+    }
+
+    /// The node in wire form (children's CIDs computed as needed).
+    fn data(&mut self) -> Result<NodeData, VerifyError> {
         let mut data = NodeData {
             left: None,
-            entries: Vec::new(),
+            entries: Vec::with_capacity(self.entries.len()),
         };
         for entry in &mut self.entries {
             match entry {
@@ -127,9 +134,7 @@ impl Node {
                 }
             }
         }
-        let cid = cid_for(&encode_node(&data)?);
-        self.cid = Some(cid);
-        Ok(cid)
+        Ok(data)
     }
 }
 
@@ -183,12 +188,27 @@ impl<'b, 'a> PartialTree<'b, 'a> {
         })
     }
 
+    /// An empty tree (the root of a repo without records).
+    pub fn empty(blocks: &'b Blocks<'a>) -> Self {
+        Self {
+            root: Node::empty(0),
+            stub: None,
+            blocks,
+        }
+    }
+
     /// The root's CID as the tree stands now.
     pub fn root_cid(&mut self) -> Result<Cid, VerifyError> {
         match self.stub {
             Some((cid, _)) => Ok(cid),
             None => self.root.encode(),
         }
+    }
+
+    /// The root's CID when removals left it as a subtree the CAR does not hold (so whether
+    /// it was trimmed far enough is unknown).
+    pub fn unresolved_root(&self) -> Option<Cid> {
+        self.stub.map(|(cid, _)| cid)
     }
 
     fn root(&mut self) -> Result<&mut Node, VerifyError> {
@@ -227,8 +247,9 @@ impl<'b, 'a> PartialTree<'b, 'a> {
             return Ok(None);
         }
         let prev = remove(root, key, height, blocks)?;
-        // A root left holding one subtree and no key is replaced by that subtree, which stays
-        // a CID until an operation needs to look inside (its height is one less).
+        // A root left holding one subtree and no key is replaced by that subtree, as often as
+        // it takes. A subtree the CAR lacks stays a CID (its height is one less): if it too
+        // were only a subtree the root would be wrong, and the prevData check says so.
         while let [Entry::Child(_)] = self.root.entries.as_slice() {
             let height = self.root.height - 1;
             let Some(Entry::Child(link)) = self.root.entries.pop() else {
@@ -236,6 +257,9 @@ impl<'b, 'a> PartialTree<'b, 'a> {
             };
             match link {
                 Link::Loaded(node) => self.root = *node,
+                Link::Stub(cid) if self.blocks.contains(&cid) => {
+                    self.root = Node::load(self.blocks, &cid, Some(height))?;
+                }
                 Link::Stub(cid) => {
                     self.stub = Some((cid, height));
                     self.root = Node::empty(0);
@@ -403,3 +427,7 @@ fn merge(left: Link, right: Link, height: u8, blocks: &Blocks<'_>) -> Result<Lin
     left.entries.extend(rest);
     Ok(Link::Loaded(Box::new(left)))
 }
+
+#[cfg(test)]
+#[path = "tree_tests.rs"]
+mod tests;
