@@ -94,7 +94,12 @@ fn every_commit_and_sync_verifies_and_commits_chain() {
                 assert_eq!((v.rev.as_str(), v.commit_cid), (c.rev.as_str(), c.commit));
                 match heads.get(&c.repo) {
                     Some((rev, data)) => {
-                        assert!(chains(&c, rev, data), "{} rev {} breaks the chain", c.repo, c.rev);
+                        assert!(
+                            chains(&c, rev, data),
+                            "{} rev {} breaks the chain",
+                            c.repo,
+                            c.rev
+                        );
                         chained += 1;
                     }
                     None => {
@@ -119,9 +124,15 @@ fn every_commit_and_sync_verifies_and_commits_chain() {
         }
     }
     let manifest = json("snap.manifest.json");
-    assert_eq!(commits, manifest["event_types"]["#commit"].as_u64().unwrap());
+    assert_eq!(
+        commits,
+        manifest["event_types"]["#commit"].as_u64().unwrap()
+    );
     assert_eq!(syncs, manifest["event_types"]["#sync"].as_u64().unwrap());
-    assert_eq!(ops as u64, manifest["commit_ops"]["total"].as_u64().unwrap());
+    assert_eq!(
+        ops as u64,
+        manifest["commit_ops"]["total"].as_u64().unwrap()
+    );
     // Every commit but each repo's first continues the one before it.
     assert_eq!(chained + firsts, commits);
     assert!(firsts <= 50, "{firsts}");
@@ -150,7 +161,12 @@ fn every_repo_car_verifies_and_equals_the_truth() {
         let got: BTreeSet<(String, String)> = repo
             .records
             .iter()
-            .map(|r| (format!("at://{did}/{}/{}", r.collection, r.rkey), r.cid.to_string()))
+            .map(|r| {
+                (
+                    format!("at://{did}/{}/{}", r.collection, r.rkey),
+                    r.cid.to_string(),
+                )
+            })
             .collect();
         assert_eq!(got.len(), repo.records.len(), "{did}: duplicate keys");
         assert_eq!(&got, expected.get(did).unwrap_or(&BTreeSet::new()), "{did}");
@@ -160,7 +176,12 @@ fn every_repo_car_verifies_and_equals_the_truth() {
             Err(VerifyError::TooLarge(_))
         ));
         assert!(matches!(
-            verify_repo_car(&car, "did:plc:other", &keys[did], DEFAULT_MAX_REPO_CAR_BYTES),
+            verify_repo_car(
+                &car,
+                "did:plc:other",
+                &keys[did],
+                DEFAULT_MAX_REPO_CAR_BYTES
+            ),
             Err(VerifyError::CommitMismatch { field: "did" })
         ));
         let other = keys.iter().find(|(d, _)| *d != did).unwrap().1;
@@ -247,9 +268,7 @@ fn create_commits() -> Vec<(Vec<u8>, PublicKey)> {
     frames()
         .into_iter()
         .filter_map(|msg| match decode(&msg) {
-            EventKind::Commit(c)
-                if c.ops.iter().any(|o| o.cid.is_some() && o.prev.is_none()) =>
-            {
+            EventKind::Commit(c) if c.ops.iter().any(|o| o.cid.is_some() && o.prev.is_none()) => {
                 let key = keys[&c.repo].clone();
                 Some((msg, key))
             }
@@ -316,7 +335,10 @@ fn op_not_in_the_signed_tree_is_not_proven() {
         panic!("record");
     };
     // A forged record with a correct CID for itself, which the signed MST does not hold.
-    record.insert("createdAt".into(), Ipld::String("2001-01-01T00:00:00.000Z".into()));
+    record.insert(
+        "createdAt".into(),
+        Ipld::String("2001-01-01T00:00:00.000Z".into()),
+    );
     let (cid, bytes) = reencode(&Ipld::Map(record));
     op.insert("cid".into(), Ipld::Link(cid));
     blocks.push((cid, bytes));
@@ -364,14 +386,19 @@ fn other_accounts_key_and_mismatched_events_are_rejected() {
     let (msg, key) = &create_commits()[0];
     let mut commit = commit_of(msg);
     let other = keys.values().find(|k| *k != key).unwrap();
-    assert_eq!(verify_commit(&commit, other), Err(VerifyError::BadSignature));
+    assert_eq!(
+        verify_commit(&commit, other),
+        Err(VerifyError::BadSignature)
+    );
     let mut wrong_prev = commit.clone();
     wrong_prev.prev_data = Some(wrong_prev.commit);
-    assert_eq!(verify_commit(&wrong_prev, key).unwrap_err().reason(), "prev_data_mismatch");
+    assert_eq!(
+        verify_commit(&wrong_prev, key).unwrap_err().reason(),
+        "prev_data_mismatch"
+    );
     commit.rev = "2222222222222".into();
     assert_eq!(
         verify_commit(&commit, key),
         Err(VerifyError::CommitMismatch { field: "rev" })
     );
 }
-

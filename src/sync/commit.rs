@@ -18,6 +18,9 @@ use crate::firehose::event::{Action, Commit, OpRecord, Sync, Unavailable};
 
 /// The repo format version Sync 1.1 commits carry.
 const COMMIT_VERSION: u64 = 3;
+/// Most ops a `#commit` may carry (the lexicon's `maxLength`); also bounds the per-path
+/// folding below, which is quadratic in the op count.
+pub const MAX_COMMIT_OPS: usize = 200;
 
 #[derive(Deserialize)]
 struct WireCommit<'a> {
@@ -152,6 +155,12 @@ struct NetOp {
 /// a path twice; every op then carries the path's value before the commit as `prev`, so the
 /// first op's `prev` and the last op's value are the net change.
 fn net_ops(ev: &Commit) -> Result<Vec<NetOp>, VerifyError> {
+    if ev.ops.len() > MAX_COMMIT_OPS {
+        return Err(VerifyError::BadOp {
+            path: String::new(),
+            why: "more ops than a commit may carry",
+        });
+    }
     let mut out: Vec<NetOp> = Vec::with_capacity(ev.ops.len());
     for op in &ev.ops {
         let path = format!("{}/{}", op.collection, op.rkey);
@@ -197,7 +206,11 @@ fn empty_tree_cid() -> Result<Cid, VerifyError> {
 /// Proves every op of `ev` against the MST in its CAR: each op's record block is present,
 /// the signed tree (`commit.data`) holds each path's new value, and undoing the ops on that
 /// tree yields the event's `prevData`.
-pub fn prove_ops(ev: &Commit, blocks: &Blocks<'_>, commit: &SignedCommit) -> Result<(), VerifyError> {
+pub fn prove_ops(
+    ev: &Commit,
+    blocks: &Blocks<'_>,
+    commit: &SignedCommit,
+) -> Result<(), VerifyError> {
     let prev_data = match (ev.prev_data, &ev.since) {
         (Some(data), _) => data,
         // A repo's first commit follows nothing: undoing it must give the empty tree.
@@ -233,4 +246,79 @@ pub fn prove_ops(ev: &Commit, blocks: &Blocks<'_>, commit: &SignedCommit) -> Res
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firehose::event::RecordOp;
+    use crate::sync::mst::cid_for;
+
+    fn op(action: Action, rkey: &str, cid: Option<Cid>, prev: Option<Cid>) -> RecordOp {
+        RecordOp {
+            action,
+            collection: "com.example.status".into(),
+            rkey: rkey.into(),
+            cid,
+            prev,
+            record: OpRecord::None,
+        }
+    }
+
+    fn commit(ops: Vec<RecordOp>) -> Commit {
+        Commit {
+            repo: "did:plc:x".into(),
+            rev: "3aaa".into(),
+            since: None,
+            commit: Cid::default(),
+            prev_data: None,
+            time: String::new(),
+            too_big: false,
+            ops,
+            blocks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ops_on_one_path_fold_into_the_net_change() {
+        let (a, b, c) = (cid_for(b"a"), cid_for(b"b"), cid_for(b"c"));
+        // Update then delete, both with the path's old value as prev: a delete of `a`.
+        let ev = commit(vec![
+            op(Action::Update, "k", Some(b), Some(a)),
+            op(Action::Delete, "k", None, Some(a)),
+            op(Action::Create, "n", Some(c), None),
+        ]);
+        let net = net_ops(&ev).expect("folds");
+        assert_eq!(net.len(), 2);
+        assert_eq!((net[0].prev, net[0].value), (Some(a), None));
+        assert_eq!((net[1].prev, net[1].value), (None, Some(c)));
+        // Two updates: `a` became `c`.
+        let ev = commit(vec![
+            op(Action::Update, "k", Some(b), Some(a)),
+            op(Action::Update, "k", Some(c), Some(a)),
+        ]);
+        let net = net_ops(&ev).expect("folds");
+        assert_eq!((net[0].prev, net[0].value), (Some(a), Some(c)));
+    }
+
+    #[test]
+    fn malformed_ops_are_rejected() {
+        let a = cid_for(b"a");
+        for ops in [
+            vec![op(Action::Create, "k", None, None)],
+            vec![op(Action::Create, "k", Some(a), Some(a))],
+            vec![op(Action::Update, "k", Some(a), None)],
+            vec![op(Action::Delete, "k", None, None)],
+            vec![op(Action::Delete, "k", Some(a), Some(a))],
+            (0..=MAX_COMMIT_OPS)
+                .map(|i| op(Action::Create, &format!("k{i}"), Some(a), None))
+                .collect(),
+        ] {
+            let err = net_ops(&commit(ops)).expect_err("rejected");
+            assert_eq!(err.reason(), "bad_op");
+        }
+        let mut too_big = commit(vec![]);
+        too_big.too_big = true;
+        assert_eq!(open_commit(&too_big).map(|_| ()), Err(VerifyError::TooBig));
+    }
 }

@@ -119,7 +119,7 @@ fn encode_multikey(curve: Curve, compressed: &[u8]) -> String {
 /// types, whose multibase is the bare SEC1 key (uncompressed keys are compressed: the
 /// compressed form is the x coordinate with the parity of y in the tag byte). `None` when a
 /// legacy key does not decode.
-pub fn multikey_from_method(kind: Option<&str>, multibase: &str) -> Option<String> {
+pub(crate) fn multikey_from_method(kind: Option<&str>, multibase: &str) -> Option<String> {
     let curve = match kind {
         Some("EcdsaSecp256k1VerificationKey2019") => Curve::K256,
         Some("EcdsaSecp256r1VerificationKey2019") => Curve::P256,
@@ -214,7 +214,9 @@ pub(crate) mod tests {
         ] {
             assert!(PublicKey::parse(bad).is_err(), "{bad:?}");
         }
-        assert!(PublicKey::from_did_key("zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme").is_err());
+        assert!(
+            PublicKey::from_did_key("zQ3shokFTS3brHcDQrn82RUDfCZESWL1ZdCEJwekUDPQiYBme").is_err()
+        );
         assert_eq!(
             multikey_from_method(Some("EcdsaSecp256k1VerificationKey2019"), "z1"),
             None

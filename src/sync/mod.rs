@@ -14,10 +14,12 @@ pub mod didkey;
 pub mod error;
 pub mod mst;
 pub mod repo;
-pub mod signature;
+mod signature;
 pub mod tree;
 
-pub use commit::{chains, verify_commit, verify_sync, SignedCommit, Verified};
+pub use commit::{
+    chains, open_commit, prove_ops, verify_commit, verify_sync, SignedCommit, Verified,
+};
 pub use didkey::{Curve, PublicKey};
 pub use error::{KeyError, VerifyError};
-pub use repo::{verify_repo_car, RepoRecord, VerifiedRepo, DEFAULT_MAX_REPO_CAR_BYTES};
+pub use repo::{verify_repo_car, walk_tree, RepoRecord, VerifiedRepo, DEFAULT_MAX_REPO_CAR_BYTES};

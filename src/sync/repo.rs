@@ -58,19 +58,26 @@ pub fn verify_repo_car<'a>(
         return Err(VerifyError::CommitMismatch { field: "did" });
     }
     commit.verify_signature(key)?;
-    let mut walk = Walk {
-        blocks: &blocks,
-        last: Vec::new(),
-        records: Vec::new(),
-    };
-    walk.node(&commit.data, None)?;
+    let records = walk_tree(&blocks, &commit.data)?;
     Ok(VerifiedRepo {
         did: commit.did,
         rev: commit.rev,
         data: commit.data,
         commit_cid: root,
-        records: walk.records,
+        records,
     })
+}
+
+/// Walks the whole MST rooted at `data` in key order: every node and record block present
+/// and hash-checked, keys ascending and at their height, every key `collection/rkey`.
+pub fn walk_tree<'a>(blocks: &Blocks<'a>, data: &Cid) -> Result<Vec<RepoRecord<'a>>, VerifyError> {
+    let mut walk = Walk {
+        blocks,
+        last: Vec::new(),
+        records: Vec::new(),
+    };
+    walk.node(data, None)?;
+    Ok(walk.records)
 }
 
 struct Walk<'b, 'a> {
@@ -120,7 +127,8 @@ impl<'a> Walk<'_, 'a> {
     }
 
     fn record(&mut self, key: &[u8], cid: Cid) -> Result<(), VerifyError> {
-        let bad = || VerifyError::BadRecordKey(String::from_utf8_lossy(key).chars().take(200).collect());
+        let bad =
+            || VerifyError::BadRecordKey(String::from_utf8_lossy(key).chars().take(200).collect());
         let path = std::str::from_utf8(key).map_err(|_| bad())?;
         let (collection, rkey) = path.split_once('/').ok_or_else(bad)?;
         if !is_nsid(collection) || !is_record_key(rkey) {

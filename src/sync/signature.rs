@@ -40,7 +40,7 @@ impl PublicKey {
 /// out and the map's entry count lowered by one. Removing an entry from a canonical map
 /// leaves it canonical, and unknown fields stay signed, as the reference implementation
 /// (decode, delete `sig`, re-encode) has it.
-pub fn unsigned_commit_bytes(block: &[u8]) -> Result<Vec<u8>, VerifyError> {
+pub(crate) fn unsigned_commit_bytes(block: &[u8]) -> Result<Vec<u8>, VerifyError> {
     let bad = |why: &str| VerifyError::BadCommit(why.to_owned());
     let (&first, _) = block.split_first().ok_or_else(|| bad("empty block"))?;
     if first >> 5 != 5 {
@@ -48,7 +48,10 @@ pub fn unsigned_commit_bytes(block: &[u8]) -> Result<Vec<u8>, VerifyError> {
     }
     let (count, head) = match first & 0x1f {
         n @ 0..=23 => (usize::from(n), 1),
-        24 => (usize::from(*block.get(1).ok_or_else(|| bad("truncated"))?), 2),
+        24 => (
+            usize::from(*block.get(1).ok_or_else(|| bad("truncated"))?),
+            2,
+        ),
         _ => return Err(bad("map too large")),
     };
     let mut out = Vec::with_capacity(block.len());
@@ -118,7 +121,10 @@ mod tests {
             }
         }
         // Two valid (one per curve); high-S and DER on both curves are invalid.
-        assert!(valid >= 2 && invalid >= 4, "{valid} valid, {invalid} invalid");
+        assert!(
+            valid >= 2 && invalid >= 4,
+            "{valid} valid, {invalid} invalid"
+        );
     }
 
     #[test]
@@ -136,12 +142,16 @@ mod tests {
                 PublicKey::K256(_) => {
                     let s = k256::ecdsa::Signature::from_slice(&sig).expect("sig");
                     let (r, s) = s.split_scalars();
-                    k256::ecdsa::Signature::from_scalars(r, -*s).expect("twin").to_vec()
+                    k256::ecdsa::Signature::from_scalars(r, -*s)
+                        .expect("twin")
+                        .to_vec()
                 }
                 PublicKey::P256(_) => {
                     let s = p256::ecdsa::Signature::from_slice(&sig).expect("sig");
                     let (r, s) = s.split_scalars();
-                    p256::ecdsa::Signature::from_scalars(r, -*s).expect("twin").to_vec()
+                    p256::ecdsa::Signature::from_scalars(r, -*s)
+                        .expect("twin")
+                        .to_vec()
                 }
             };
             assert!(key.verify(&msg, &sig).is_ok());

@@ -375,7 +375,8 @@ fn remove(
         let Entry::Leaf { value, .. } = node.entries.remove(pos) else {
             return Err(VerifyError::BadMst("remove".into()));
         };
-        let joins = node.child_before(pos) && matches!(node.entries.get(pos), Some(Entry::Child(_)));
+        let joins =
+            node.child_before(pos) && matches!(node.entries.get(pos), Some(Entry::Child(_)));
         if joins {
             let (Entry::Child(right), Entry::Child(left)) =
                 (node.entries.remove(pos), node.entries.remove(pos - 1))

@@ -64,7 +64,11 @@ fn interop_commit_proofs() {
             tree.insert(k.as_bytes(), leaf).expect("add");
         }
         for k in &dels {
-            assert_eq!(tree.remove(k.as_bytes()).expect("del"), Some(leaf), "{name}");
+            assert_eq!(
+                tree.remove(k.as_bytes()).expect("del"),
+                Some(leaf),
+                "{name}"
+            );
         }
         assert_eq!(tree.root_cid().expect("root"), after, "{name}: after");
 
@@ -75,19 +79,36 @@ fn interop_commit_proofs() {
             .iter()
             .map(|c| {
                 let c = cid(c);
-                (c, all.get(&c).cloned().unwrap_or_else(|| panic!("{name}: {c}")))
+                (
+                    c,
+                    all.get(&c)
+                        .cloned()
+                        .unwrap_or_else(|| panic!("{name}: {c}")),
+                )
             })
             .collect();
         let car = blocks_car(&proof);
         let blocks = Blocks::parse(&car).expect("car");
         let mut partial = PartialTree::load(&blocks, &after).expect("load");
         for k in &adds {
-            assert_eq!(partial.remove(k.as_bytes()).expect(name), Some(leaf), "{name}");
+            assert_eq!(
+                partial.remove(k.as_bytes()).expect(name),
+                Some(leaf),
+                "{name}"
+            );
         }
         for k in &dels {
-            assert_eq!(partial.insert(k.as_bytes(), leaf).expect(name), None, "{name}");
+            assert_eq!(
+                partial.insert(k.as_bytes(), leaf).expect(name),
+                None,
+                "{name}"
+            );
         }
-        assert_eq!(partial.root_cid().expect("root"), before, "{name}: inverted");
+        assert_eq!(
+            partial.root_cid().expect("root"),
+            before,
+            "{name}: inverted"
+        );
     }
 }
 
@@ -116,12 +137,20 @@ fn root_is_independent_of_order_and_removal_undoes_insertion() {
     let value = cid_for(b"record");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let keys: Vec<String> = (0..300)
-        .map(|i| format!("app.bsky.feed.like/3k{:011x}", rng.next() % 1_000_000_000 + i))
+        .map(|i| {
+            format!(
+                "app.bsky.feed.like/3k{:011x}",
+                rng.next() % 1_000_000_000 + i
+            )
+        })
         .collect();
     let mut shuffled = keys.clone();
     rng.shuffle(&mut shuffled);
     let root = tree_of(&none, &keys, value).root_cid().expect("root");
-    assert_eq!(tree_of(&none, &shuffled, value).root_cid().expect("root"), root);
+    assert_eq!(
+        tree_of(&none, &shuffled, value).root_cid().expect("root"),
+        root
+    );
 
     // Remove a random half from a fully loaded tree: same as building from the rest.
     let mut tree = tree_of(&none, &shuffled, value);
@@ -149,7 +178,10 @@ fn root_is_independent_of_order_and_removal_undoes_insertion() {
     }
     assert_eq!(lazy.root_cid().expect("root"), root);
     let other = cid_for(b"other");
-    assert_eq!(lazy.insert(keys[0].as_bytes(), other).expect("update"), Some(value));
+    assert_eq!(
+        lazy.insert(keys[0].as_bytes(), other).expect("update"),
+        Some(value)
+    );
     assert_ne!(lazy.root_cid().expect("root"), root);
 }
 
