@@ -17,6 +17,8 @@
 //! - [`pending`]: bounded LRU pending-op maps for ops of users not created yet.
 //! - [`identity`]: DID/handle resolution with caches; user creation under a semaphore.
 //! - [`mapping`]: record → row, pure functions.
+//! - [`sync`]: Sync 1.1 verification: signing keys, commit signatures, MST proofs of
+//!   `#commit` ops, `#sync` events and full repo CARs (pure; used by tests, benches, fuzz).
 //! - [`writer`]: batch planning (collapse, idempotency) and bulk SQL in one transaction.
 //! - [`cursor`]: the durable cursor: fence claim, cursor writes, the low-watermark rule.
 //! - [`db`]: the PostgreSQL pool, migrations, database creation; [`txn`]: retrying,
@@ -65,6 +67,7 @@ mod retry;
 pub mod signals;
 pub mod stats;
 pub mod status;
+pub mod sync;
 pub mod tasks;
 pub mod testrelay;
 pub mod tls;

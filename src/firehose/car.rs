@@ -35,13 +35,13 @@ pub enum BlockError {
 #[derive(serde::Deserialize)]
 struct CarHeader {
     version: u64,
-    #[allow(dead_code)]
     roots: Vec<Cid>,
 }
 
 /// The blocks of one CAR slice, in file order.
 #[derive(Debug, Default)]
 pub struct Car<'a> {
+    roots: Vec<Cid>,
     blocks: Vec<(Cid, &'a [u8])>,
 }
 
@@ -79,7 +79,20 @@ impl<'a> Car<'a> {
             blocks.push((cid, section));
             pos = end;
         }
-        Ok(Self { blocks })
+        Ok(Self {
+            roots: header.roots,
+            blocks,
+        })
+    }
+
+    /// The header's roots (a commit CAR names its signed commit).
+    pub fn roots(&self) -> &[Cid] {
+        &self.roots
+    }
+
+    /// Every block in file order, not hash-checked.
+    pub fn blocks(&self) -> &[(Cid, &'a [u8])] {
+        &self.blocks
     }
 
     pub fn len(&self) -> usize {

@@ -89,6 +89,9 @@ pub struct Commit {
     pub time: String,
     pub too_big: bool,
     pub ops: Vec<RecordOp>,
+    /// The CAR slice as received (signed commit, MST nodes, records), for Sync 1.1
+    /// verification ([`crate::sync::verify_commit`]); empty for `tooBig` commits.
+    pub blocks: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,4 +207,6 @@ pub struct Sync {
     pub did: String,
     pub rev: String,
     pub time: String,
+    /// CAR slice holding the signed commit alone ([`crate::sync::verify_sync`]).
+    pub blocks: Vec<u8>,
 }

@@ -142,11 +142,13 @@ struct AccountBody {
 }
 
 #[derive(Deserialize)]
-struct SyncBody {
+struct SyncBody<'a> {
     seq: i64,
     did: String,
     rev: String,
     time: String,
+    #[serde(with = "serde_bytes", borrow, default)]
+    blocks: &'a [u8],
 }
 
 /// The body of an `#info` message.
@@ -241,6 +243,7 @@ pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
                         did: b.did,
                         rev: b.rev,
                         time: b.time,
+                        blocks: b.blocks.to_vec(),
                     }),
                 }
             }
@@ -319,6 +322,7 @@ fn decode_commit(b: CommitBody<'_>) -> Result<Event, FrameError> {
             time: b.time,
             too_big: b.too_big,
             ops,
+            blocks: b.blocks.to_vec(),
         }),
     })
 }

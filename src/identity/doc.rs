@@ -15,7 +15,9 @@ pub struct DidDocument {
     pub handle: Option<String>,
     /// Endpoint of the `#atproto_pds` service of type `AtprotoPersonalDataServer`.
     pub pds_endpoint: Option<String>,
-    /// `publicKeyMultibase` of the `#atproto` verification method.
+    /// The `#atproto` verification method's key in the `Multikey` form (`z…`, multicodec
+    /// prefix, compressed); a legacy `EcdsaSecp256k1VerificationKey2019` /
+    /// `EcdsaSecp256r1VerificationKey2019` key (bare, possibly uncompressed) is converted.
     pub signing_key: Option<String>,
 }
 
@@ -35,6 +37,8 @@ struct RawDoc {
 #[serde(rename_all = "camelCase")]
 struct RawMethod {
     id: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
     #[serde(default)]
     public_key_multibase: Option<String>,
 }
@@ -102,7 +106,10 @@ impl DidDocument {
             .verification_method
             .iter()
             .find(|m| names(&m.id, did, "atproto"))
-            .and_then(|m| m.public_key_multibase.clone())
+            .and_then(|m| {
+                let key = m.public_key_multibase.as_deref()?;
+                crate::sync::didkey::multikey_from_method(m.kind.as_deref(), key)
+            })
             .filter(|k| !k.is_empty());
         Ok(Self {
             did: raw.id,
@@ -139,6 +146,24 @@ mod tests {
             d.signing_key.as_deref(),
             Some("zQ3shXjHeiBuRCKmM36cuYnm7YEMzhGnCmCyW92sRJ9pribSF")
         );
+    }
+
+    #[test]
+    fn legacy_uncompressed_key_becomes_multikey() {
+        // did-docs.json of fixtures/firehose/snap.network: the older PLC's legacy form.
+        let body = format!(
+            r##"{{"id":"{DID}","verificationMethod":[{{"id":"#atproto",
+            "type":"EcdsaSecp256k1VerificationKey2019","controller":"{DID}",
+            "publicKeyMultibase":"zR96LpgfbFVikZwdUeuFVTGWHAazJsR3ZfGkPMiT8bZ4ABSWMbhR5KwSNB3xf55vf1g6gTmu6TLNs93AJZmEXPmui"}}]}}"##
+        );
+        let d = DidDocument::parse(DID, body.as_bytes()).expect("parses");
+        assert_eq!(
+            d.signing_key.as_deref(),
+            Some("zQ3shryyC9656fBANu4g19iXepuANMzHZm1rkT7Qoo5kqNgUL")
+        );
+        let garbage = body.replace("zR96", "z0OIl");
+        let d = DidDocument::parse(DID, garbage.as_bytes()).expect("parses");
+        assert_eq!(d.signing_key, None);
     }
 
     #[test]

@@ -1,0 +1,229 @@
+//! Merkle Search Tree nodes as stored in a repo: the DAG-CBOR node
+//! `{l: CID|null, e: [{p: prefix len, k: key suffix, v: record CID, t: CID|null}]}`, key
+//! heights (leading zero 2-bit groups of sha256(key)), and CIDs of encoded nodes.
+//!
+//! Written here rather than taken from a crate: `atrium-repo` decodes MSTs but cannot invert
+//! ops on a partial tree, is async over a block store and pulls a second
+//! `serde_ipld_dagcbor`; `jacquard-repo` has `validate_v1_1` but comes with the whole jacquard
+//! API stack (jacquard-common, iroh-car, ed25519-dalek, miette, tokio stores) and ignores an
+//! op whose inversion errors; `rsky-repo` links libsecp256k1 (C) and its own crate family.
+//! A node codec plus partial-tree insert/remove ([`super::tree`]) is a few hundred lines on
+//! the dependencies we already have, synchronous and allocation-light.
+
+use cid::multihash::Multihash;
+use cid::Cid;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::VerifyError;
+
+/// DAG-CBOR multicodec.
+const DAG_CBOR: u64 = 0x71;
+/// sha2-256 multihash code.
+const SHA2_256: u64 = 0x12;
+/// Longest MST key accepted (a repo path `collection/rkey`: NSID ≤ 317 + `/` + rkey ≤ 512).
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Most entries accepted in one node. Real nodes hold a few dozen (fanout 4 on average);
+/// the cap bounds the work one forged node can cause.
+pub const MAX_NODE_ENTRIES: usize = 4096;
+
+/// One decoded MST node with its keys expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeData {
+    /// Subtree of keys before the first entry.
+    pub left: Option<Cid>,
+    pub entries: Vec<EntryData>,
+}
+
+/// One key of a node and the subtree to its right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryData {
+    pub key: Vec<u8>,
+    pub value: Cid,
+    pub right: Option<Cid>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireNode<'a> {
+    #[serde(borrow)]
+    e: Vec<WireEntry<'a>>,
+    l: Option<Cid>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEntry<'a> {
+    #[serde(with = "serde_bytes", borrow)]
+    k: &'a [u8],
+    p: usize,
+    t: Option<Cid>,
+    v: Cid,
+}
+
+/// Height of a key: the number of leading zero 2-bit groups of sha256(key) (fanout 4).
+pub fn key_height(key: &[u8]) -> u8 {
+    let digest = Sha256::digest(key);
+    let mut zeros = 0u32;
+    for &b in digest.iter() {
+        zeros += b.leading_zeros();
+        if b != 0 {
+            break;
+        }
+    }
+    // At most 256 / 2 = 128.
+    u8::try_from(zeros / 2).unwrap_or(u8::MAX)
+}
+
+/// CIDv1 (DAG-CBOR, sha2-256) of `bytes`.
+pub fn cid_for(bytes: &[u8]) -> Cid {
+    let digest = Sha256::digest(bytes);
+    // A 32-byte digest always fits the 64-byte multihash.
+    let mh = Multihash::<64>::wrap(SHA2_256, &digest).unwrap_or_default();
+    Cid::new_v1(DAG_CBOR, mh)
+}
+
+/// Decodes a node block, expanding prefix-compressed keys. Keys must be strictly ascending.
+pub fn decode_node(bytes: &[u8]) -> Result<NodeData, VerifyError> {
+    let bad = |why: String| VerifyError::BadMst(why);
+    let wire: WireNode =
+        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| bad(format!("decode: {e}")))?;
+    if wire.e.len() > MAX_NODE_ENTRIES {
+        return Err(bad(format!("{} entries", wire.e.len())));
+    }
+    let mut entries: Vec<EntryData> = Vec::with_capacity(wire.e.len());
+    for (i, e) in wire.e.iter().enumerate() {
+        let prev = entries.last().map(|p| p.key.as_slice()).unwrap_or_default();
+        if i == 0 && e.p != 0 {
+            return Err(bad("first entry with a prefix".into()));
+        }
+        if e.p > prev.len() || e.p + e.k.len() > MAX_KEY_BYTES {
+            return Err(bad(format!("entry {i}: bad prefix or key length")));
+        }
+        let mut key = Vec::with_capacity(e.p + e.k.len());
+        key.extend_from_slice(&prev[..e.p]);
+        key.extend_from_slice(e.k);
+        if key.is_empty() || (i > 0 && key.as_slice() <= prev) {
+            return Err(bad(format!("entry {i}: key empty or out of order")));
+        }
+        entries.push(EntryData {
+            key,
+            value: e.v,
+            right: e.t,
+        });
+    }
+    Ok(NodeData {
+        left: wire.l,
+        entries,
+    })
+}
+
+/// Encodes a node canonically (keys prefix-compressed against the previous key).
+pub fn encode_node(node: &NodeData) -> Result<Vec<u8>, VerifyError> {
+    let mut e = Vec::with_capacity(node.entries.len());
+    let mut prev: &[u8] = &[];
+    for entry in &node.entries {
+        let p = prev
+            .iter()
+            .zip(&entry.key)
+            .take_while(|(a, b)| a == b)
+            .count();
+        e.push(WireEntry {
+            k: &entry.key[p..],
+            p,
+            t: entry.right,
+            v: entry.value,
+        });
+        prev = &entry.key;
+    }
+    serde_ipld_dagcbor::to_vec(&WireNode { e, l: node.left })
+        .map_err(|err| VerifyError::BadMst(format!("encode: {err}")))
+}
+
+/// Length of the common prefix of two keys (interop `common_prefix.json`).
+pub fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::didkey::tests::interop;
+
+    #[test]
+    fn interop_key_heights() {
+        let v = interop("mst/key_heights.json");
+        let cases = v.as_array().expect("array");
+        assert!(cases.len() >= 9);
+        for case in cases {
+            let key = case["key"].as_str().expect("key");
+            let height = case["height"].as_u64().expect("height");
+            assert_eq!(u64::from(key_height(key.as_bytes())), height, "{key}");
+        }
+    }
+
+    #[test]
+    fn interop_common_prefix() {
+        let v = interop("mst/common_prefix.json");
+        for case in v.as_array().expect("array") {
+            let (l, r) = (case["left"].as_str(), case["right"].as_str());
+            let (l, r) = (l.expect("left"), r.expect("right"));
+            let len = case["len"].as_u64().expect("len");
+            assert_eq!(common_prefix_len(l.as_bytes(), r.as_bytes()) as u64, len);
+        }
+    }
+
+    #[test]
+    fn node_round_trips_with_prefix_compression() {
+        let leaf = cid_for(b"leaf");
+        let node = NodeData {
+            left: Some(cid_for(b"left")),
+            entries: vec![
+                EntryData {
+                    key: b"app.bsky.feed.post/3aaa".to_vec(),
+                    value: leaf,
+                    right: None,
+                },
+                EntryData {
+                    key: b"app.bsky.feed.post/3aab".to_vec(),
+                    value: leaf,
+                    right: Some(cid_for(b"right")),
+                },
+            ],
+        };
+        let bytes = encode_node(&node).expect("encodes");
+        assert_eq!(decode_node(&bytes).expect("decodes"), node);
+        // The empty node is the root of an empty repo: {e: [], l: null}.
+        let empty = encode_node(&NodeData {
+            left: None,
+            entries: vec![],
+        })
+        .expect("encodes");
+        assert_eq!(empty, b"\xa2\x61e\x80\x61l\xf6");
+    }
+
+    #[test]
+    fn malformed_nodes_are_errors() {
+        let leaf = cid_for(b"leaf");
+        let unordered = NodeData {
+            left: None,
+            entries: vec![
+                EntryData {
+                    key: b"b/2".to_vec(),
+                    value: leaf,
+                    right: None,
+                },
+                EntryData {
+                    key: b"a/1".to_vec(),
+                    value: leaf,
+                    right: None,
+                },
+            ],
+        };
+        let bytes = encode_node(&unordered).expect("encodes");
+        assert!(matches!(decode_node(&bytes), Err(VerifyError::BadMst(_))));
+        for junk in [&b""[..], b"\xa0", b"\x80", b"\xa2\x61e\x80\x61x\xf6"] {
+            assert!(decode_node(junk).is_err());
+        }
+    }
+}
