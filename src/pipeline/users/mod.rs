@@ -42,9 +42,6 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{DecodedChunk, Stats};
 use crate::identity::{IdentityError, UserCreator};
-/// The re-resolution job moved to [`crate::jobs`]; these names stay for `app` until it calls
-/// the job there.
-
 use crate::pending::{PendingError, PendingOps};
 pub use config::{
     UsersArgs, UsersConfig, DEFAULT_KNOWN_DIDS, DEFAULT_RESOLVE_IDENTITIES_REPLAY,
