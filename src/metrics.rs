@@ -25,6 +25,8 @@ pub(crate) enum Kind {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Metric {
     pub(crate) name: &'static str,
+    /// The Rust constant that holds `name` (what recording code names).
+    pub(crate) ident: &'static str,
     pub(crate) kind: Kind,
     pub(crate) unit: Option<Unit>,
     /// Label names (their values are bounded sets); checked by the conventions test.
@@ -62,6 +64,7 @@ macro_rules! metrics {
         pub(crate) const ALL: &[Metric] = &[$(
             Metric {
                 name: $ident,
+                ident: stringify!($ident),
                 kind: Kind::$kind,
                 unit: unit!($($unit)?),
                 labels: &[$($label),*],
@@ -259,6 +262,19 @@ metrics! {
         "Fence claims refused (the database holds a newer fence).";
     pub(crate) FENCED_TOTAL: Counter[] =
         "atproto_ingest_fenced_total", "Terms ended by a newer leader's fence.";
+}
+
+/// Every declared metric as `(name, constant, kind)` with kind `"counter"`, `"gauge"` or
+/// `"histogram"`: for checks that alert rules and dashboards name only what the daemon exports.
+pub fn declared() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    ALL.iter().map(|m| {
+        let kind = match m.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        (m.name, m.ident, kind)
+    })
 }
 
 /// The `collection` label of an NSID: known `app.bsky.*` collections by name, anything else

@@ -21,48 +21,34 @@ enum Kind {
     Histogram,
 }
 
-/// `name -> (CONST_IDENT, kind)` from src/metrics.rs (`/// Counter …` doc, `pub const X: &str`).
+/// `name -> (CONST_IDENT, kind)` as the daemon declares them (`metrics::declared`).
 fn declared() -> BTreeMap<String, (String, Kind)> {
-    let src = read("src/metrics.rs");
-    let mut out = BTreeMap::new();
-    let mut doc: Option<&str> = None;
-    for line in src.lines() {
-        if let Some(d) = line.strip_prefix("/// ") {
-            doc.get_or_insert(d);
-            continue;
-        }
-        let this_doc = doc.take().unwrap_or("");
-        let Some(rest) = line.strip_prefix("pub const ") else {
-            continue;
-        };
-        let Some((ident, value)) = rest.split_once(": &str = \"") else {
-            continue;
-        };
-        let kind = if this_doc.starts_with("Counter") {
-            Kind::Counter
-        } else if this_doc.starts_with("Histogram") {
-            Kind::Histogram
-        } else {
-            Kind::Gauge
-        };
-        out.insert(
-            value.trim_end_matches("\";").to_owned(),
-            (ident.to_owned(), kind),
-        );
-    }
+    let out: BTreeMap<_, _> = atproto_ingest::metrics::declared()
+        .map(|(name, ident, kind)| {
+            let kind = match kind {
+                "counter" => Kind::Counter,
+                "histogram" => Kind::Histogram,
+                _ => Kind::Gauge,
+            };
+            (name.to_owned(), (ident.to_owned(), kind))
+        })
+        .collect();
     assert!(out.len() > 50, "read only {} metric names", out.len());
     out
 }
 
-/// The code that records metrics: every `.rs` file under src/, with src/metrics.rs cut to its
-/// code (no declarations, doc comments, `describe()` or tests).
+/// The code that records metrics: every `.rs` file under src/ except the declarations (the
+/// `metrics! { … }` block of src/metrics.rs) and unit-test files.
 fn recording_code() -> String {
     fn walk(dir: &Path, out: &mut String) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
                 walk(&p, out);
-            } else if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("src/metrics.rs") {
+            } else if p.extension().is_some_and(|x| x == "rs")
+                && !p.ends_with("src/metrics.rs")
+                && !p.ends_with("tests.rs")
+            {
                 out.push_str(&std::fs::read_to_string(&p).unwrap());
             }
         }
@@ -70,14 +56,10 @@ fn recording_code() -> String {
     let mut out = String::new();
     walk(&Path::new(ROOT).join("src"), &mut out);
     let metrics = read("src/metrics.rs");
-    let code = metrics.split("fn describe()").next().unwrap_or("");
-    for line in code.lines() {
-        let t = line.trim_start();
-        if !(t.starts_with("pub const ") || t.starts_with("//")) {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
+    let start = metrics.find("\nmetrics! {").expect("the metrics! block");
+    let end = start + metrics[start..].find("\n}\n").expect("its end");
+    out.push_str(&metrics[..start]);
+    out.push_str(&metrics[end..]);
     out
 }
 

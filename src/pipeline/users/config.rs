@@ -106,6 +106,19 @@ pub struct UsersArgs {
     #[arg(long, env = "PLC_URL", value_name = "URL", default_value = idcfg::DEFAULT_PLC_URL)]
     pub plc_url: String,
 
+    /// Let DID documents and handles point identity fetches at loopback, private, link-local
+    /// or multicast addresses, over plain http and through redirects to other hosts (tests,
+    /// labs). Off: only https to public addresses; the PLC directory above is always allowed.
+    #[arg(
+        long,
+        env = "ALLOW_PRIVATE_NETWORK",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_private_network: bool,
+
     /// Most DIDs whose events wait for their user at once; past it the least recently used
     /// DID's events are written at once with a stub user.
     #[arg(long, env = "PENDING_MAX_DIDS", value_name = "N", default_value_t = pending::DEFAULT_MAX_DIDS)]
@@ -178,6 +191,7 @@ impl UsersArgs {
                 plc_url: url.to_owned(),
                 concurrency: permits,
                 timeout: Duration::from_millis(self.resolve_timeout_ms),
+                allow_private_network: self.allow_private_network,
                 ..IdentityConfig::default()
             },
             pending: PendingConfig {
@@ -230,10 +244,12 @@ mod tests {
             "2",
             "--resolve-timeout-ms",
             "250",
+            "--allow-private-network",
         ])
         .unwrap();
         let c = cli.users.to_config(false).unwrap();
         assert!(c.identity.resolve_identities);
+        assert!(c.identity.allow_private_network);
         assert_eq!(c.identity.plc_url, "http://127.0.0.1:1");
         assert_eq!(c.pending.max_dids, 5);
         assert_eq!(c.pending.max_ops_per_did, 3);
