@@ -107,10 +107,7 @@ pub fn open_commit(ev: &Commit) -> Result<(Blocks<'_>, SignedCommit), VerifyErro
     }
     let blocks = Blocks::parse(&ev.blocks)?;
     if blocks.root() != Some(ev.commit) {
-        return Err(VerifyError::RootMismatch {
-            car: blocks.root(),
-            commit: ev.commit,
-        });
+        return Err(VerifyError::RootMismatch { car: blocks.root() });
     }
     let commit = SignedCommit::decode(blocks.get(&ev.commit)?)?;
     if commit.did != ev.repo {
@@ -240,10 +237,7 @@ pub fn prove_ops(
         if let Some(cid) = tree.unresolved_root() {
             return Err(VerifyError::MissingBlock(cid));
         }
-        return Err(VerifyError::PrevDataMismatch {
-            computed,
-            expected: prev_data,
-        });
+        return Err(VerifyError::PrevDataMismatch { computed });
     }
     Ok(())
 }

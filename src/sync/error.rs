@@ -25,8 +25,9 @@ pub enum VerifyError {
     BadCar(String),
     #[error("CAR of {0} bytes is over the size cap")]
     TooLarge(usize),
-    #[error("the CAR's root {car:?} is not the commit {commit}")]
-    RootMismatch { car: Option<Cid>, commit: Cid },
+    /// The CAR's only root (if it has exactly one) is not the event's `commit`.
+    #[error("the CAR's root {car:?} is not the event's commit")]
+    RootMismatch { car: Option<Cid> },
     #[error("block {0} is not in the CAR")]
     MissingBlock(Cid),
     #[error("block {0} does not hash to its CID")]
@@ -45,8 +46,9 @@ pub enum VerifyError {
     BadOp { path: String, why: &'static str },
     #[error("op {0} is not proven by the signed MST")]
     OpNotProven(String),
-    #[error("inverted tree root {computed} is not prevData {expected}")]
-    PrevDataMismatch { computed: Cid, expected: Cid },
+    /// Inverting the ops gave `computed`, not the event's `prevData`.
+    #[error("inverted tree root {computed} is not the event's prevData")]
+    PrevDataMismatch { computed: Cid },
     #[error("commit carries no prevData: it cannot be verified inductively")]
     NoPrevData,
     #[error("tooBig commit: it carries no blocks")]
@@ -108,10 +110,7 @@ mod tests {
         let samples = [
             VerifyError::BadCar(String::new()),
             VerifyError::TooLarge(1),
-            VerifyError::RootMismatch {
-                car: None,
-                commit: Cid::default(),
-            },
+            VerifyError::RootMismatch { car: None },
             VerifyError::MissingBlock(Cid::default()),
             VerifyError::BlockMismatch(Cid::default()),
             VerifyError::BadCommit(String::new()),
@@ -126,7 +125,6 @@ mod tests {
             VerifyError::OpNotProven(String::new()),
             VerifyError::PrevDataMismatch {
                 computed: Cid::default(),
-                expected: Cid::default(),
             },
             VerifyError::NoPrevData,
             VerifyError::TooBig,
