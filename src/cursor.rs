@@ -75,9 +75,10 @@ pub async fn cursors(pool: &Pool) -> Result<Vec<CursorRow>, CursorError> {
     Ok(out)
 }
 
-/// A stored seq as a resume point: `None` for [`NO_CURSOR`] (and any non-positive value).
+/// A stored seq as a resume point: `None` for [`NO_CURSOR`]. `0` is one: "from the oldest
+/// event the relay still has".
 fn stored_seq(seq: i64) -> Option<i64> {
-    (seq > 0).then_some(seq)
+    (seq >= 0).then_some(seq)
 }
 
 /// Outcome of claiming a fence.
@@ -158,6 +159,29 @@ pub async fn write(
     }
 }
 
+/// Makes `seq` the durable cursor at once, in its own transaction, fenced like a batch (and,
+/// like a batch, never lowering it). A leader that starts without a stored cursor anchors its
+/// starting point this way before any event reaches the pipeline, so a successor resumes
+/// exactly there even if no batch ever committed (§4).
+pub async fn anchor(pool: &Pool, key: &CursorKey, seq: i64) -> Result<i64, AnchorError> {
+    let mut client = pool.get().await.map_err(DbError::from)?;
+    let tx = client.transaction().await?;
+    let stored = write(&tx, key, seq).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// Why [`anchor`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AnchorError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("anchoring the cursor: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Write(#[from] WriteCursorError),
+}
+
 /// The cursor a batch writes: the users stage's low watermark when it set one (events still
 /// pending stay above it), else the highest seq in the batch.
 pub fn batch_cursor(watermark: Option<i64>, last_seq: Option<i64>) -> Option<i64> {
@@ -204,7 +228,7 @@ mod tests {
         assert_eq!(batch_cursor(None, Some(9)), Some(9));
         assert_eq!(batch_cursor(None, None), None);
         assert_eq!(stored_seq(NO_CURSOR), None);
-        assert_eq!(stored_seq(0), None);
+        assert_eq!(stored_seq(0), Some(0));
         assert_eq!(stored_seq(7), Some(7));
     }
 }

@@ -32,6 +32,7 @@
 //! term's tasks and how it ends), `lifecycle` (role and readiness), `progress` (the leader's
 //! progress report); this file wires the process tasks.
 
+mod anchor;
 mod lead;
 mod lifecycle;
 mod options;
@@ -170,6 +171,8 @@ pub enum AppError {
     Http(#[from] HttpError),
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    #[error(transparent)]
+    Anchor(#[from] crate::cursor::AnchorError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     /// A task panicked, stopped unexpectedly, or did not stop within its limit.

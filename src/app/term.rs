@@ -6,6 +6,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant};
 
 use crate::cursor::CursorKey;
+use crate::cursor::{AnchorError, WriteCursorError};
 use crate::firehose::client;
 use crate::jobs;
 use crate::leader::Leadership;
@@ -14,6 +15,7 @@ use crate::tasks::{TaskError, Tasks};
 use crate::txn::TxError;
 use crate::writer::WriteError;
 
+use super::anchor;
 use super::lead::Ctx;
 use super::{progress, AppError};
 
@@ -44,7 +46,7 @@ fn is_fenced(e: &AppError) -> bool {
         AppError::Pipeline(PipelineError::Write(TxError::Permanent {
             source: WriteError::Fenced { .. },
             ..
-        }))
+        })) | AppError::Anchor(AnchorError::Write(WriteCursorError::Fenced { .. }))
     )
 }
 
@@ -65,6 +67,21 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
     relay.seen_seq = ctx.seen_seq.clone();
     let client_run = client::run(relay, cursor_rx.clone(), frames_tx, term.clone());
     tasks.spawn("relay client", async move { Ok(client_run.await?) });
+    // No stored cursor: the live tail's first seq is made durable before the pipeline sees it.
+    let frames_rx = match resume {
+        Some(_) => frames_rx,
+        None => {
+            let (anchored_tx, anchored_rx) = mpsc::channel(FRAME_QUEUE);
+            let anchor = anchor::forward(
+                ctx.pool.clone(),
+                pcfg.cursor.clone(),
+                frames_rx,
+                anchored_tx,
+            );
+            tasks.spawn("cursor anchor", anchor);
+            anchored_rx
+        }
+    };
     let pipeline_run = pipeline::run(
         ctx.pool.clone(),
         pcfg,

@@ -101,8 +101,8 @@ fn problems(
         let recorded = code.match_indices(ident.as_str()).any(|(i, _)| {
             let before = code[..i].chars().next_back().unwrap_or(' ');
             let after = code[i + ident.len()..].chars().next().unwrap_or(' ');
-            !(before.is_ascii_alphanumeric() || before == '_')
-                && !(after.is_ascii_alphanumeric() || after == '_')
+            let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+            !word(before) && !word(after)
         });
         if !recorded {
             out.push(format!(
