@@ -78,8 +78,8 @@ pub const BACKGROUND_STOP_LIMIT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct AppConfig {
     pub db: DbConfig,
-    /// Relay client settings. Its `seen_seq` is not used as given: `run` owns one counter
-    /// for the process and hands it to each term's client.
+    /// Relay client settings. The counter of seqs seen is a live handle: `run` owns one for
+    /// the process and hands it to each term's client.
     pub relay: ClientConfig,
     pub leader: LeaderConfig,
     /// Batch sizes, frame limit and users stage; `cursor` is set per term. The user creator and

@@ -63,9 +63,13 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
         service: ctx.service.to_owned(),
         fence: leadership.fence,
     };
-    let mut relay = cfg.relay.clone();
-    relay.seen_seq = ctx.seen_seq.clone();
-    let client_run = client::run(relay, cursor_rx.clone(), frames_tx, term.clone());
+    let client_run = client::run_reporting(
+        cfg.relay.clone(),
+        ctx.seen_seq.clone(),
+        cursor_rx.clone(),
+        frames_tx,
+        term.clone(),
+    );
     tasks.spawn("relay client", async move { Ok(client_run.await?) });
     // No stored cursor: the live tail's first seq is made durable before the pipeline sees it.
     let frames_rx = match resume {

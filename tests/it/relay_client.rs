@@ -81,25 +81,47 @@ async fn reads_every_frame_and_resumes_from_the_cursor_after_drops() {
         cancel.clone(),
     ));
 
-    let mut received = Vec::new();
-    let mut drops_at = vec![1500, 1000, 400];
-    let mut seen = std::collections::BTreeSet::new();
-    tokio::time::timeout(TEST_LIMIT, async {
+    // The consumer: every frame received becomes the "durable cursor" at once.
+    let consumer = tokio::spawn(async move {
+        let mut received = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
         while seen.len() < FRAMES as usize {
             let msg = rx.recv().await.expect("client stopped early");
             let seq = seq_of(&msg);
             received.push(seq);
             seen.insert(seq);
-            // The "durable cursor": everything received so far.
             cursor_tx.send_replace(Some(seq));
-            if drops_at.last() == Some(&seq) {
-                drops_at.pop();
-                relay.drop_connections();
-            }
         }
-    })
-    .await
-    .expect("all frames within the time limit");
+        (received, seen)
+    });
+    // Three cuts, each while a connection is serving (the relay's own count, not the consumer's,
+    // which can lag by a socket buffer's worth of frames on a busy machine), each followed by
+    // a reconnect before the next.
+    for (i, at) in [400u64, 1000, 1500].into_iter().enumerate() {
+        let until = tokio::time::Instant::now() + TEST_LIMIT;
+        while relay.served_count() < at || relay.cursors_requested().len() < i + 1 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "relay stalled before cut {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        while relay.cursors_requested().len() < i + 2 {
+            relay.drop_connections();
+            let wait = tokio::time::Instant::now() + Duration::from_secs(1);
+            while relay.cursors_requested().len() < i + 2 && tokio::time::Instant::now() < wait {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no reconnect after cut {i}"
+            );
+        }
+    }
+    let (received, seen) = tokio::time::timeout(TEST_LIMIT, consumer)
+        .await
+        .expect("all frames within the time limit")
+        .unwrap();
 
     assert_eq!(seen, (1..=FRAMES as i64).collect());
     let cursors = relay.cursors_requested();

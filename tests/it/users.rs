@@ -250,8 +250,7 @@ async fn tiny_bounds_and_a_slow_plc_still_equal_the_truth(pool: sqlx::PgPool) {
             max_dids: 5,
             max_ops_per_did: 4,
         },
-        creator: Some(creator.clone()),
-        ..UsersConfig::resolving(identity)
+        ..UsersConfig::resolving(identity.clone())
     };
     let started = Instant::now();
     let stats = run_replay(&pool, cfg(c)).await;

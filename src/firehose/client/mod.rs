@@ -84,8 +84,6 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Connected this long resets the backoff. Default [`DEFAULT_HEALTHY_AFTER`].
     pub healthy_after: Duration,
-    /// Highest seq received so far (-1: none yet); read by whoever reports the lag.
-    pub seen_seq: Arc<AtomicI64>,
 }
 
 impl Default for ClientConfig {
@@ -99,7 +97,6 @@ impl Default for ClientConfig {
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
             healthy_after: DEFAULT_HEALTHY_AFTER,
-            seen_seq: Arc::new(AtomicI64::new(-1)),
         }
     }
 }
@@ -168,10 +165,23 @@ pub async fn run(
     out: mpsc::Sender<Vec<u8>>,
     cancel: CancellationToken,
 ) -> Result<(), ClientError> {
+    run_reporting(cfg, Arc::new(AtomicI64::new(-1)), cursor, out, cancel).await
+}
+
+/// [`run`], also raising `seen_seq` to the highest seq received (-1: none yet), which the
+/// daemon's lag report reads.
+pub async fn run_reporting(
+    cfg: ClientConfig,
+    seen_seq: Arc<AtomicI64>,
+    cursor: watch::Receiver<Option<i64>>,
+    out: mpsc::Sender<Vec<u8>>,
+    cancel: CancellationToken,
+) -> Result<(), ClientError> {
     install_crypto_provider();
     subscribe_url(&cfg.relay_url, None)?;
     Client {
         cfg,
+        seen_seq,
         durable: cursor,
         out,
         cancel,
@@ -186,6 +196,8 @@ pub async fn run(
 /// The relay client: its settings and channels, and what it keeps across connections.
 struct Client {
     cfg: ClientConfig,
+    /// Highest seq received (-1: none yet).
+    seen_seq: Arc<AtomicI64>,
     /// The writer's durable cursor.
     durable: watch::Receiver<Option<i64>>,
     out: mpsc::Sender<Vec<u8>>,

@@ -155,7 +155,7 @@ impl<'a> Session<'a> {
             client.gaps.record(gap);
         }
         client.first_seq.get_or_insert(seq);
-        client.cfg.seen_seq.fetch_max(seq, Ordering::Relaxed);
+        client.seen_seq.fetch_max(seq, Ordering::Relaxed);
         metrics::gauge!(m::RELAY_SEQ).set(seq as f64);
         // Lag behind the relay in events: what was received but is not yet durable.
         if let Some(c) = *client.durable.borrow() {

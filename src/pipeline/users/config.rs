@@ -24,9 +24,6 @@ pub struct UsersConfig {
     pub pending: PendingConfig,
     /// Bound of the known-DID set (default [`DEFAULT_KNOWN_DIDS`]).
     pub known_dids: usize,
-    /// A creator to share with [`crate::jobs::run_reresolve`] (same semaphore and caches); built from
-    /// `identity` when `None`.
-    pub creator: Option<UserCreator>,
 }
 
 impl Default for UsersConfig {
@@ -39,7 +36,6 @@ impl Default for UsersConfig {
             },
             pending: PendingConfig::default(),
             known_dids: DEFAULT_KNOWN_DIDS,
-            creator: None,
         }
     }
 }
@@ -58,14 +54,11 @@ impl UsersConfig {
 
     /// Whether the stage resolves identities (otherwise it passes events through).
     pub fn enabled(&self) -> bool {
-        match &self.creator {
-            Some(c) => c.is_enabled(),
-            None => self.identity.resolve_identities,
-        }
+        self.identity.resolve_identities
     }
 
-    /// The creator to use (the shared one, or a new one for `identity`), after checking the
-    /// bounds. `None` when resolution is off.
+    /// A new creator for `identity` (the caller owns it and may share it, e.g. with the
+    /// re-resolution job), after checking the bounds. `None` when resolution is off.
     pub fn creator(&self) -> Result<Option<UserCreator>, UsersError> {
         if !self.enabled() {
             return Ok(None);
@@ -78,10 +71,7 @@ impl UsersConfig {
                 reason: "must be at least 1",
             });
         }
-        match &self.creator {
-            Some(c) => Ok(Some(c.clone())),
-            None => Ok(Some(UserCreator::new(self.identity.clone())?)),
-        }
+        Ok(Some(UserCreator::new(self.identity.clone())?))
     }
 }
 
@@ -199,7 +189,6 @@ impl UsersArgs {
                 max_ops_per_did: max_ops,
             },
             known_dids: DEFAULT_KNOWN_DIDS,
-            creator: None,
         })
     }
 }
