@@ -202,16 +202,9 @@ pub(crate) fn watermark_before(chunk_watermark: Option<i64>, rest: &[Event]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firehose::event::EventKind;
 
     fn ev(seq: i64) -> Event {
-        Event {
-            seq,
-            kind: EventKind::Info {
-                name: "x".into(),
-                message: None,
-            },
-        }
+        Event::info_at(seq)
     }
 
     #[test]

@@ -43,6 +43,20 @@ pub enum EventKind {
     },
 }
 
+#[cfg(test)]
+impl Event {
+    /// An `#info` event at `seq`: the smallest event, for unit tests of seq bookkeeping.
+    pub(crate) fn info_at(seq: i64) -> Self {
+        Self {
+            seq,
+            kind: EventKind::Info {
+                name: "x".into(),
+                message: None,
+            },
+        }
+    }
+}
+
 impl EventKind {
     /// The frame type as on the wire (`#commit`, …) or `error`.
     pub fn type_name(&self) -> &'static str {

@@ -109,16 +109,9 @@ pub(super) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firehose::EventKind;
 
     fn ev(seq: i64) -> Event {
-        Event {
-            seq,
-            kind: EventKind::Info {
-                name: "x".into(),
-                message: None,
-            },
-        }
+        Event::info_at(seq)
     }
 
     #[tokio::test]
