@@ -5,28 +5,21 @@
 //! exactly the account's live records of `snap.truth.json`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
 
 use cid::Cid;
 use ipld_core::ipld::Ipld;
 
-use atproto_ingest::firehose::car::Car;
-use atproto_ingest::firehose::cbor::item_len;
 use atproto_ingest::firehose::event::{Commit, EventKind};
-use atproto_ingest::firehose::fixture::{self, encode_varint, FrameReader, RawFrame};
+use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
 use atproto_ingest::firehose::frame::{self, DEFAULT_MAX_FRAME_BYTES};
 use atproto_ingest::identity::DidDocument;
-use atproto_ingest::sync::mst::{cid_for, decode_node};
+use atproto_ingest::sync::mst::decode_node;
+use crate::common::fixture;
+use crate::common::reframe::{reencode, Frame};
 use atproto_ingest::sync::{
     chains, verify_commit, verify_repo_car, verify_sync, PublicKey, VerifyError,
     DEFAULT_MAX_REPO_CAR_BYTES,
 };
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/firehose")
-        .join(name)
-}
 
 fn json(name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixture(name)).unwrap()).unwrap()
@@ -59,7 +52,7 @@ fn plc_keys() -> HashMap<String, PublicKey> {
 }
 
 fn frames() -> Vec<Vec<u8>> {
-    let reader = fixture::open(&fixture("snap.frames")).unwrap();
+    let reader = open(&fixture("snap.frames")).unwrap();
     FrameReader::new(reader, DEFAULT_MAX_FRAME_BYTES)
         .map(|f| match f.unwrap() {
             RawFrame::Message(m) => m,
@@ -196,65 +189,6 @@ fn every_repo_car_verifies_and_equals_the_truth() {
 
 // ---- tampered copies, re-encoded from real frames ----
 
-/// A frame split into its header bytes and its body as a DAG-CBOR map.
-struct Frame {
-    header: Vec<u8>,
-    body: BTreeMap<String, Ipld>,
-}
-
-impl Frame {
-    fn parse(msg: &[u8]) -> Self {
-        let hlen = item_len(msg).unwrap();
-        let Ipld::Map(body) = serde_ipld_dagcbor::from_slice(&msg[hlen..]).unwrap() else {
-            panic!("body is not a map");
-        };
-        Self {
-            header: msg[..hlen].to_vec(),
-            body,
-        }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = self.header.clone();
-        out.extend(serde_ipld_dagcbor::to_vec(&Ipld::Map(self.body.clone())).unwrap());
-        out
-    }
-
-    fn bytes(&self, field: &str) -> Vec<u8> {
-        match &self.body[field] {
-            Ipld::Bytes(b) => b.clone(),
-            other => panic!("{field}: {other:?}"),
-        }
-    }
-
-    /// The CAR's roots and blocks.
-    fn car(&self) -> (Vec<Cid>, Vec<(Cid, Vec<u8>)>) {
-        let buf = self.bytes("blocks");
-        let car = Car::parse(&buf).unwrap();
-        let blocks = car.blocks().iter().map(|(c, d)| (*c, d.to_vec())).collect();
-        (car.roots().to_vec(), blocks)
-    }
-
-    fn set_car(&mut self, roots: &[Cid], blocks: &[(Cid, Vec<u8>)]) {
-        #[derive(serde::Serialize)]
-        struct Header<'a> {
-            roots: &'a [Cid],
-            version: u64,
-        }
-        let header = serde_ipld_dagcbor::to_vec(&Header { roots, version: 1 }).unwrap();
-        let mut out = Vec::new();
-        encode_varint(header.len() as u64, &mut out);
-        out.extend(header);
-        for (cid, data) in blocks {
-            let c = cid.to_bytes();
-            encode_varint((c.len() + data.len()) as u64, &mut out);
-            out.extend(c);
-            out.extend(data);
-        }
-        self.body.insert("blocks".into(), Ipld::Bytes(out));
-    }
-}
-
 fn commit_of(msg: &[u8]) -> Commit {
     match decode(msg) {
         EventKind::Commit(c) => c,
@@ -276,11 +210,6 @@ fn create_commits() -> Vec<(Vec<u8>, PublicKey)> {
         })
         .take(200)
         .collect()
-}
-
-fn reencode(value: &Ipld) -> (Cid, Vec<u8>) {
-    let bytes = serde_ipld_dagcbor::to_vec(value).unwrap();
-    (cid_for(&bytes), bytes)
 }
 
 #[test]

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_identity;
+pub mod reframe;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
