@@ -23,6 +23,7 @@ mod netguard;
 mod process;
 mod relay_client;
 mod replay;
+mod repos;
 mod sync_verify;
 mod takeover;
 mod tls;
