@@ -96,6 +96,10 @@ metrics! {
         "Record ops skipped: record unreadable (block missing, CID mismatch, tooBig, ...), by reason.";
     pub(crate) COMMITS_TOO_BIG_TOTAL: Counter[] =
         "atproto_ingest_commits_too_big_total", "tooBig commits (repo needs a resync).";
+    /// `reason`: `too_many_ops`, `blocks_too_large`, `record_too_large`, `records_too_large`.
+    pub(crate) COMMITS_OVER_LIMIT_TOTAL: Counter["reason"] =
+        "atproto_ingest_commits_over_limit_total",
+        "Commits skipped for breaking a decode limit (repo needs a resync), by reason.";
 
     // --- Relay client (§3) ---
     pub(crate) RELAY_CONNECTED: Gauge[] =

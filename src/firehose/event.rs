@@ -2,6 +2,7 @@
 
 use cid::Cid;
 
+use super::limits::OverLimit;
 use super::record::{KnownRecord, Rejection};
 
 /// One decoded firehose message.
@@ -106,6 +107,9 @@ pub struct Commit {
     /// The CAR slice as received (signed commit, MST nodes, records), for Sync 1.1
     /// verification ([`crate::sync::verify_commit`]); empty for `tooBig` commits.
     pub blocks: Vec<u8>,
+    /// The commit broke a decode limit (ops, `blocks` or record bytes): it carries no ops and
+    /// no blocks, and its repo needs a resync for this reason.
+    pub over_limit: Option<OverLimit>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -37,6 +37,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::cursor::CursorKey;
 use crate::firehose::fixture::{self, RawFrame};
+use crate::firehose::CommitLimits;
 use crate::identity::UserCreator;
 use crate::txn::{RetryPolicy, TxError};
 use crate::writer::WriteError;
@@ -59,6 +60,8 @@ pub struct PipelineConfig {
     pub batch_max_ops: usize,
     pub batch_max_age: Duration,
     pub max_frame_bytes: usize,
+    /// Sync-spec limits each commit is held to when decoded (§3).
+    pub limits: CommitLimits,
     pub cursor: CursorKey,
     /// Retries and time limit of each batch's transaction (§6).
     pub retry: RetryPolicy,
@@ -72,6 +75,7 @@ impl PipelineConfig {
             batch_max_ops: DEFAULT_BATCH_MAX_OPS,
             batch_max_age: DEFAULT_BATCH_MAX_AGE,
             max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
+            limits: CommitLimits::default(),
             cursor,
             retry: RetryPolicy::default(),
             users: UsersConfig::default(),
@@ -158,6 +162,7 @@ pub async fn run(
         raw_rx,
         dec_tx,
         stats.clone(),
+        cfg.limits,
         logged,
     )));
     let (users_rx, users) = users::spawn(

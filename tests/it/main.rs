@@ -17,6 +17,7 @@ mod http;
 mod identity;
 mod jobs;
 mod leader;
+mod limits;
 mod live;
 mod malformed;
 mod netguard;
