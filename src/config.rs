@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::budget::{self, MemoryBudget};
 use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig};
 use crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES;
@@ -155,6 +156,11 @@ pub struct BatchArgs {
     /// (`record_too_large`).
     #[arg(long, env = "MAX_RECORD_BYTES", value_name = "N", default_value_t = limits::DEFAULT_MAX_RECORD_BYTES)]
     pub max_record_bytes: usize,
+    /// Memory budget in MB (10^6 bytes, at least 64): every queue, the pending-op map and
+    /// the caches are bounded in bytes by a fixed share of it (see the README). Set the
+    /// systemd unit's `MemoryHigh`/`MemoryMax` to match.
+    #[arg(long, env = "MEMORY_BUDGET_MB", value_name = "MB", default_value_t = budget::DEFAULT_MEMORY_BUDGET_MB)]
+    pub memory_budget_mb: u64,
 }
 
 impl BatchArgs {
@@ -196,6 +202,13 @@ impl BatchArgs {
         ] {
             check(v >= 1, flag, env, "must be at least 1", v)?;
         }
+        check(
+            self.memory_budget_mb >= budget::MIN_MEMORY_BUDGET_MB,
+            "--memory-budget-mb",
+            "MEMORY_BUDGET_MB",
+            "must be at least 64",
+            self.memory_budget_mb,
+        )?;
         let mut cfg = PipelineConfig::new(CursorKey {
             service: String::new(),
             fence: 0,
@@ -208,6 +221,7 @@ impl BatchArgs {
             max_blocks_bytes: self.max_commit_blocks_bytes,
             max_record_bytes: self.max_record_bytes,
         };
+        cfg.budget = MemoryBudget::from_mb(self.memory_budget_mb);
         cfg.retry = db.retry_policy()?;
         Ok(cfg)
     }
@@ -255,6 +269,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("MAX_COMMIT_OPS"));
+        let t = T::try_parse_from(["t", "--memory-budget-mb", "10"]).unwrap();
+        assert!(t
+            .batch
+            .pipeline_config(&t.db)
+            .unwrap_err()
+            .to_string()
+            .contains("MEMORY_BUDGET_MB"));
         let t = T::try_parse_from(["t", "--max-record-bytes", "10"]).unwrap();
         assert_eq!(
             t.batch

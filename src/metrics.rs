@@ -132,6 +132,15 @@ metrics! {
     pub(crate) LAG_EVENTS: Gauge[] =
         "atproto_ingest_lag_events", "Relay seq received minus the durable cursor.";
 
+    // --- Memory budget (src/budget.rs) ---
+    /// `share`: `total`, `raw_queue`, `decoded_queue`, `users_queue`, `batch`, `pending`,
+    /// `live_queue`, `known_dids`, `identity_caches`.
+    pub(crate) MEMORY_BUDGET_BYTES: Gauge(Bytes)["share"] =
+        "atproto_ingest_memory_budget_bytes", "Memory budget and its share per bound.";
+    /// `queue`: `raw`, `decoded`, `users`, `batches`, `live` (sampled as the source drains it).
+    pub(crate) QUEUE_BYTES: Gauge(Bytes)["queue"] =
+        "atproto_ingest_queue_bytes", "Bytes queued between pipeline stages, by queue.";
+
     // --- Pending-op maps (§5) ---
     pub(crate) PENDING_DIDS: Gauge[] = "atproto_ingest_pending_dids", "DIDs in the pending-op map.";
     /// All DIDs together.

@@ -110,6 +110,9 @@ pub struct Commit {
     /// The commit broke a decode limit (ops, `blocks` or record bytes): it carries no ops and
     /// no blocks, and its repo needs a resync for this reason.
     pub over_limit: Option<OverLimit>,
+    /// DAG-CBOR bytes of the records the ops hold, counted once per op: what the decoded
+    /// records weigh in memory is estimated from it (the pipeline's byte bounds).
+    pub records_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

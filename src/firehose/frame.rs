@@ -323,7 +323,10 @@ fn decode_commit(b: CommitBody<'_>, limits: &CommitLimits) -> Result<Event, Fram
                 .and_then(|cid| car.get(cid))
                 .map(<[u8]>::len)
         });
-    let over = over.or_else(|| limits.check_records(sizes).err());
+    let (over, records_bytes) = match over.map_or_else(|| limits.check_records(sizes), Err) {
+        Ok(total) => (None, total),
+        Err(o) => (Some(o), 0),
+    };
     let mut ops = Vec::new();
     if over.is_none() {
         let mut cache = BlockCache::new(&car);
@@ -362,6 +365,7 @@ fn decode_commit(b: CommitBody<'_>, limits: &CommitLimits) -> Result<Event, Fram
                 b.blocks.to_vec()
             },
             over_limit: over,
+            records_bytes,
         }),
     })
 }

@@ -80,11 +80,11 @@ impl CommitLimits {
     }
 
     /// Checks the sizes of the record blocks the ops use (one entry per op), before any of
-    /// them is hashed.
+    /// them is hashed; returns their sum.
     pub(crate) fn check_records(
         &self,
         sizes: impl IntoIterator<Item = usize>,
-    ) -> Result<(), OverLimit> {
+    ) -> Result<usize, OverLimit> {
         let mut total = 0usize;
         for size in sizes {
             if size > self.max_record_bytes {
@@ -95,7 +95,7 @@ impl CommitLimits {
         if total > self.max_blocks_bytes {
             return Err(OverLimit::RecordsTooLarge);
         }
-        Ok(())
+        Ok(total)
     }
 }
 
@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(l.check_body(3, 100), Err(OverLimit::TooManyOps));
         assert_eq!(l.check_body(3, 101), Err(OverLimit::TooManyOps));
         assert_eq!(l.check_body(2, 101), Err(OverLimit::BlocksTooLarge));
-        assert_eq!(l.check_records([40, 40]), Ok(()));
+        assert_eq!(l.check_records([40, 40]), Ok(80));
         assert_eq!(l.check_records([41]), Err(OverLimit::RecordTooLarge));
         // One 40-byte block shared by three ops expands to 120 bytes.
         assert_eq!(

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
+use super::queue;
 use super::stats::{ChunkCounts, Stats};
 use super::PipelineError;
 use crate::firehose::fixture::RawFrame;
@@ -55,8 +55,8 @@ impl LoggedReasons {
 /// Runs until the raw input ends or the next stage is gone. A decode job that panics is an
 /// error: the stage stops there, and what was decoded before it is still written.
 pub(super) async fn run(
-    raw_rx: mpsc::Receiver<Vec<RawFrame>>,
-    dec_tx: mpsc::Sender<DecodedChunk>,
+    raw_rx: queue::Receiver<Vec<RawFrame>>,
+    dec_tx: queue::Sender<DecodedChunk>,
     stats: Arc<Stats>,
     limits: CommitLimits,
     logged: Arc<LoggedReasons>,
@@ -68,8 +68,8 @@ pub(super) async fn run(
 }
 
 async fn run_with<F>(
-    raw_rx: mpsc::Receiver<Vec<RawFrame>>,
-    dec_tx: mpsc::Sender<DecodedChunk>,
+    raw_rx: queue::Receiver<Vec<RawFrame>>,
+    dec_tx: queue::Sender<DecodedChunk>,
     stats: Arc<Stats>,
     decode: F,
 ) -> Result<(), PipelineError>
@@ -201,11 +201,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_decode_job_is_an_error_not_the_end_of_the_input() {
-        let (raw_tx, raw_rx) = mpsc::channel(4);
-        let (dec_tx, mut dec_rx) = mpsc::channel(4);
-        raw_tx.send(oversized(1)).await.unwrap();
-        raw_tx.send(oversized(2)).await.unwrap();
-        raw_tx.send(oversized(1)).await.unwrap();
+        let (raw_tx, raw_rx) = queue::channel("t", 4, 1 << 20);
+        let (dec_tx, mut dec_rx) = queue::channel("t", 4, 1 << 20);
+        for n in [1, 2, 1] {
+            assert!(raw_tx.send(oversized(n)).await.is_ok());
+        }
         drop(raw_tx);
         let logged = Arc::new(LoggedReasons::default());
         let result = run_with(raw_rx, dec_tx, Arc::new(Stats::default()), move |frames| {

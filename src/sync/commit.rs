@@ -271,6 +271,7 @@ mod tests {
             ops,
             blocks: Vec::new(),
             over_limit: None,
+            records_bytes: 0,
         }
     }
 

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{DecodedChunk, Stats};
+use super::{queue, DecodedChunk, Stats};
 use crate::identity::{IdentityError, UserCreator};
 use crate::pending::{PendingError, PendingOps};
 pub use config::{
@@ -133,15 +133,15 @@ impl Default for UsersStats {
 /// Aborting the returned task stops everything the stage started (creations, resolutions in
 /// flight, the scheduler); the pipeline holds it in an `AbortOnDropHandle`.
 pub(crate) fn spawn(
-    rx: mpsc::Receiver<DecodedChunk>,
-    queue: usize,
+    rx: queue::Receiver<DecodedChunk>,
+    (queue_items, queue_bytes): (usize, usize),
     pool: Pool,
     creator: Option<UserCreator>,
     cfg: &UsersConfig,
     cancel: CancellationToken,
     stats: Arc<Stats>,
-) -> Result<(mpsc::Receiver<DecodedChunk>, JoinHandle<()>), UsersError> {
-    let (tx, out) = mpsc::channel(queue);
+) -> Result<(queue::Receiver<DecodedChunk>, JoinHandle<()>), UsersError> {
+    let (tx, out) = queue::channel("users", queue_items, queue_bytes);
     let Some(creator) = creator else {
         return Ok((out, tokio::spawn(pass_through(rx, tx))));
     };
@@ -179,7 +179,7 @@ pub(crate) fn spawn(
     Ok((out, task))
 }
 
-async fn pass_through(mut rx: mpsc::Receiver<DecodedChunk>, tx: mpsc::Sender<DecodedChunk>) {
+async fn pass_through(mut rx: queue::Receiver<DecodedChunk>, tx: queue::Sender<DecodedChunk>) {
     while let Some(chunk) = rx.recv().await {
         if tx.send(chunk).await.is_err() {
             return;

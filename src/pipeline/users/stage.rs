@@ -18,6 +18,7 @@ use crate::firehose::{Event, EventKind};
 use crate::identity::UserCreator;
 use crate::metrics as m;
 use crate::pending::{DidOps, PendingOps, PushOutcome};
+use crate::pipeline::queue;
 use crate::pipeline::{DecodedChunk, Stats};
 
 /// Background `#identity` refreshes in flight; beyond it refreshes are scheduled in the DB.
@@ -88,9 +89,9 @@ impl Stage {
 
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<DecodedChunk>,
+        mut rx: queue::Receiver<DecodedChunk>,
         mut done_rx: mpsc::Receiver<Done>,
-        tx: mpsc::Sender<DecodedChunk>,
+        tx: queue::Sender<DecodedChunk>,
         cancel: CancellationToken,
     ) {
         loop {
@@ -346,7 +347,7 @@ impl Stage {
     }
 
     /// Sends what is ready downstream with the watermark; false when downstream is gone.
-    async fn flush(&mut self, tx: &mpsc::Sender<DecodedChunk>) -> bool {
+    async fn flush(&mut self, tx: &queue::Sender<DecodedChunk>) -> bool {
         metrics::gauge!(m::USERS_QUEUE_DEPTH, "queue" => "done").set(depth(&self.done_tx));
         metrics::gauge!(m::USERS_QUEUE_DEPTH, "queue" => "schedule").set(depth(&self.sched_tx));
         for did in self.to_schedule.drain(..) {
