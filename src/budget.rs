@@ -25,6 +25,12 @@ pub const MIN_MEMORY_BUDGET_MB: u64 = 64;
 /// What one decoded event costs in memory besides its bytes (structs, strings, map slots).
 pub const EVENT_OVERHEAD_BYTES: usize = 512;
 
+/// What an item weighs in memory, in bytes (an estimate that errs on the heavy side): what
+/// the byte bounds of the queues and maps count.
+pub trait Weigh {
+    fn bytes(&self) -> usize;
+}
+
 /// A memory budget in bytes, and the share of each bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBudget {

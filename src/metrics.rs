@@ -145,6 +145,9 @@ metrics! {
     pub(crate) PENDING_DIDS: Gauge[] = "atproto_ingest_pending_dids", "DIDs in the pending-op map.";
     /// All DIDs together.
     pub(crate) PENDING_OPS: Gauge[] = "atproto_ingest_pending_ops", "Ops in the pending-op map.";
+    /// Its bound: the pending share of the memory budget.
+    pub(crate) PENDING_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_pending_bytes", "Bytes held in the pending-op map.";
     /// Flushed with a stub user.
     pub(crate) PENDING_EVICTIONS_TOTAL: Counter[] =
         "atproto_ingest_pending_evictions_total", "DIDs evicted from the pending-op map.";
@@ -155,6 +158,9 @@ metrics! {
     // --- Users stage (§5) ---
     pub(crate) USERS_KNOWN_DIDS: Gauge[] =
         "atproto_ingest_users_known_dids", "DIDs in the known-DID set.";
+    /// Its bound: the known-DID share of the memory budget.
+    pub(crate) USERS_KNOWN_DIDS_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_users_known_dids_bytes", "Bytes of the known-DID set.";
     /// Spawned tasks.
     pub(crate) USERS_TASKS_IN_FLIGHT: Gauge[] =
         "atproto_ingest_users_tasks_in_flight", "User creations and refreshes in flight.";

@@ -181,7 +181,8 @@ pub async fn run(
     )));
     let (users_rx, users) = users::spawn(
         dec_rx,
-        (DECODED_QUEUE_CHUNKS, budget.users_queue()),
+        DECODED_QUEUE_CHUNKS,
+        &budget,
         pool.clone(),
         creator,
         &cfg.users,

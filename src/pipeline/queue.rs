@@ -6,14 +6,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+pub(crate) use crate::budget::Weigh;
 use crate::budget::EVENT_OVERHEAD_BYTES;
 use crate::firehose::fixture::RawFrame;
 use crate::firehose::{Event, EventKind, OpRecord};
-
-/// What an item weighs in memory, in bytes (an estimate that errs on the heavy side).
-pub(crate) trait Weigh {
-    fn bytes(&self) -> usize;
-}
 
 /// Most bytes one permit batch may take (the semaphore counts in `u32`).
 const MAX_WEIGHT: usize = u32::MAX as usize;
@@ -148,6 +144,12 @@ impl Weigh for super::DecodedChunk {
 impl Weigh for Vec<Event> {
     fn bytes(&self) -> usize {
         self.iter().map(event_bytes).sum()
+    }
+}
+
+impl Weigh for Event {
+    fn bytes(&self) -> usize {
+        event_bytes(self)
     }
 }
 

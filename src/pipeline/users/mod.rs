@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use lru::LruCache;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +41,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{queue, DecodedChunk, Stats};
 use crate::identity::{IdentityError, UserCreator};
-use crate::pending::{PendingError, PendingOps};
+use crate::budget::MemoryBudget;
+use crate::pending::{PendingConfig, PendingError, PendingOps};
 pub use config::{
     UsersArgs, UsersConfig, DEFAULT_KNOWN_DIDS, DEFAULT_RESOLVE_IDENTITIES_REPLAY,
     DEFAULT_RESOLVE_IDENTITIES_RUN, DEFAULT_RESOLVE_TIMEOUT_MS,
@@ -134,18 +134,23 @@ impl Default for UsersStats {
 /// flight, the scheduler); the pipeline holds it in an `AbortOnDropHandle`.
 pub(crate) fn spawn(
     rx: queue::Receiver<DecodedChunk>,
-    (queue_items, queue_bytes): (usize, usize),
+    queue_items: usize,
+    budget: &MemoryBudget,
     pool: Pool,
     creator: Option<UserCreator>,
     cfg: &UsersConfig,
     cancel: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(queue::Receiver<DecodedChunk>, JoinHandle<()>), UsersError> {
-    let (tx, out) = queue::channel("users", queue_items, queue_bytes);
+    let (tx, out) = queue::channel("users", queue_items, budget.users_queue());
     let Some(creator) = creator else {
         return Ok((out, tokio::spawn(pass_through(rx, tx))));
     };
-    let pending = PendingOps::new(cfg.pending)?;
+    // The budget decides the byte bound of the map (its other bounds are flags).
+    let pending = PendingOps::new(PendingConfig {
+        max_bytes: budget.pending(),
+        ..cfg.pending
+    })?;
     let known = NonZeroUsize::new(cfg.known_dids).ok_or(UsersError::Invalid {
         flag: "known-DID set size",
         value: "0".into(),
@@ -163,7 +168,7 @@ pub(crate) fn spawn(
         pool,
         creator,
         pending,
-        known: LruCache::new(known),
+        known: stage::KnownDids::new(known, budget.known_dids()),
         done_tx,
         db_permits: Arc::new(Semaphore::new(DB_CONCURRENCY)),
         sched_tx,
