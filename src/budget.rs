@@ -31,6 +31,19 @@ pub trait Weigh {
     fn bytes(&self) -> usize;
 }
 
+impl Weigh for String {
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.len()
+    }
+}
+
+impl<T: Weigh> Weigh for Option<T> {
+    fn bytes(&self) -> usize {
+        self.as_ref()
+            .map_or(std::mem::size_of::<Self>(), Weigh::bytes)
+    }
+}
+
 /// A memory budget in bytes, and the share of each bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBudget {

@@ -199,6 +199,9 @@ metrics! {
         "atproto_ingest_identity_cache_misses_total", "Identity cache misses, by cache.";
     pub(crate) IDENTITY_CACHE_ENTRIES: Gauge["cache"] =
         "atproto_ingest_identity_cache_entries", "Identity cache entries, by cache.";
+    /// Bounded by the identity-cache share of the memory budget.
+    pub(crate) IDENTITY_CACHE_BYTES: Gauge(Bytes)["cache"] =
+        "atproto_ingest_identity_cache_bytes", "Identity cache bytes, by cache.";
     /// `result`: `ok` or an error kind.
     pub(crate) IDENTITY_RESOLUTIONS_TOTAL: Counter["result"] =
         "atproto_ingest_identity_resolutions_total", "Identity resolutions, by result.";

@@ -111,7 +111,6 @@ impl<T> PendingOps<T> {
             config,
         })
     }
-
 }
 
 impl<T: Weigh> PendingOps<T> {

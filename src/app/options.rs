@@ -116,9 +116,10 @@ impl RunOptions {
     pub fn to_config(&self) -> Result<AppConfig, AppError> {
         let db = self.db.db_config()?;
         let mut pipeline = self.batch.pipeline_config(&self.db)?;
-        pipeline.users = self
-            .users
-            .to_config(users::DEFAULT_RESOLVE_IDENTITIES_RUN)?;
+        pipeline.set_users(
+            self.users
+                .to_config(users::DEFAULT_RESOLVE_IDENTITIES_RUN)?,
+        );
         check(
             client::subscribe_url(&self.relay_url, None).is_ok()
                 && relay_service(&self.relay_url).is_ok(),

@@ -91,6 +91,14 @@ impl PipelineConfig {
     }
 }
 
+impl PipelineConfig {
+    /// Sets the users stage, its identity caches bounded by this config's memory budget.
+    pub fn set_users(&mut self, mut users: UsersConfig) {
+        users.identity.cache_max_bytes = self.budget.identity_caches();
+        self.users = users;
+    }
+}
+
 /// Live handles one run uses and shares with its caller; not configuration, and not `Clone`.
 #[derive(Debug, Default)]
 pub struct PipelineHandles {

@@ -40,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{queue, DecodedChunk, Stats};
-use crate::identity::{IdentityError, UserCreator};
 use crate::budget::MemoryBudget;
+use crate::identity::{IdentityError, UserCreator};
 use crate::pending::{PendingConfig, PendingError, PendingOps};
 pub use config::{
     UsersArgs, UsersConfig, DEFAULT_KNOWN_DIDS, DEFAULT_RESOLVE_IDENTITIES_REPLAY,

@@ -451,7 +451,12 @@ mod tests {
         assert_eq!(k.bytes, 2 * w);
         assert!(!k.contains("did:plc:aaaa") && k.contains("did:plc:cccc"));
         let mut k = KnownDids::new(max, usize::MAX);
-        for d in ["did:plc:aaaa", "did:plc:bbbb", "did:plc:cccc", "did:plc:dddd"] {
+        for d in [
+            "did:plc:aaaa",
+            "did:plc:bbbb",
+            "did:plc:cccc",
+            "did:plc:dddd",
+        ] {
             k.put(d.into());
         }
         assert_eq!((k.lru.len(), k.bytes), (3, 3 * w));
