@@ -164,3 +164,77 @@ async fn a_commit_over_the_op_limit_is_skipped_and_its_repo_desynchronized(pool:
             .unwrap();
     assert_eq!(cursor, LAST_SEQ);
 }
+
+/// Peak RSS (`VmHWM`) of `atproto-ingest replay` on `small.frames` with `n` hostile commits in
+/// a row, with `--memory-budget-mb budget_mb`: polled from `/proc/<pid>/status` until the
+/// process exits (the hostile run sits mid-file, so the peak is passed well before the end).
+fn replay_peak_rss(pool: &sqlx::PgPool, file: &std::path::Path, budget_mb: u64) -> u64 {
+    use std::process::{Command, Stdio};
+    let db = common::db_config(pool).url;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atproto-ingest"))
+        .args(["replay", file.to_str().unwrap(), "--database-url", &db])
+        .args(["--memory-budget-mb", &budget_mb.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_path) {
+            if let Some(kb) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kb = peak_kb.max(kb);
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(status.success(), "replay exited with {status}");
+    peak_kb * 1024
+}
+
+#[sqlx::test(migrations = false)]
+async fn many_hostile_commits_replay_within_the_memory_budget(pool: sqlx::PgPool) {
+    const HOSTILE: usize = 120;
+    const BUDGET_MB: u64 = 128;
+    let (frames, repos) = with_hostile_commits(1000, HOSTILE);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hostile.frames");
+    write_fixture(&path, &frames);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let started = std::time::Instant::now();
+    let peak = {
+        let (pool, path) = (pool.clone(), path.clone());
+        tokio::task::spawn_blocking(move || replay_peak_rss(&pool, &path, BUDGET_MB))
+            .await
+            .unwrap()
+    };
+    eprintln!(
+        "replay of {size} bytes ({HOSTILE} hostile commits of {HOSTILE_OPS} ops sharing a \
+         {HOSTILE_RECORD_BYTES}-byte block) with --memory-budget-mb {BUDGET_MB}: peak RSS \
+         {:.1} MB in {:?}",
+        peak as f64 / 1e6,
+        started.elapsed()
+    );
+    assert!(
+        peak < BUDGET_MB * 1_000_000,
+        "peak RSS {peak} over the budget"
+    );
+    let desynced: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM actors WHERE did = ANY($1) AND sync_reason = 'too_many_ops'",
+    )
+    .bind(&repos)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let distinct: std::collections::BTreeSet<&String> = repos.iter().collect();
+    assert_eq!(desynced as usize, distinct.len());
+    common::assert_matches_truth(&pool, &common::truth("small")).await;
+}
