@@ -12,7 +12,7 @@
 //! | chunks queued ahead of the batcher | 1/16 | 16 MB |
 //! | batches: one built, one queued, one written (each) | 1/16 | 16 MB × 3 |
 //! | pending-op map (events of users being created) | 1/8 | 32 MB |
-//! | live relay messages queued ahead of the pipeline | 1/32 | 8 MB |
+//! | live relay messages queued ahead of the pipeline (per hop) | 1/32 | 8 MB |
 //! | known-DID set | 1/32 | 8 MB |
 //! | identity caches (DID documents, handles) | 1/32 | 8 MB |
 //! | not covered by a bound (runtime, decode jobs, SQL buffers) | the rest | 72 MB |
@@ -41,6 +41,14 @@ impl<T: Weigh> Weigh for Option<T> {
     fn bytes(&self) -> usize {
         self.as_ref()
             .map_or(std::mem::size_of::<Self>(), Weigh::bytes)
+    }
+}
+
+/// Test items weigh their value in bytes.
+#[cfg(test)]
+impl Weigh for u32 {
+    fn bytes(&self) -> usize {
+        *self as usize
     }
 }
 

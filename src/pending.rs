@@ -248,13 +248,6 @@ impl<T: Weigh> PendingOps<T> {
 mod tests {
     use super::*;
 
-    /// Test items weigh their value in bytes.
-    impl Weigh for u32 {
-        fn bytes(&self) -> usize {
-            *self as usize
-        }
-    }
-
     fn map(max_dids: usize, max_ops_per_did: usize) -> PendingOps<u32> {
         PendingOps::new(PendingConfig {
             max_dids,

@@ -160,12 +160,6 @@ impl Weigh for DidDocument {
 mod tests {
     use super::*;
 
-    impl Weigh for u32 {
-        fn bytes(&self) -> usize {
-            4
-        }
-    }
-
     #[test]
     fn the_byte_bound_evicts_the_least_recently_used() {
         let entry = weight(&"a".to_owned(), &"x".repeat(100));

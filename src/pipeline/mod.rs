@@ -189,7 +189,6 @@ pub async fn run(
     )));
     let (users_rx, users) = users::spawn(
         dec_rx,
-        DECODED_QUEUE_CHUNKS,
         &budget,
         pool.clone(),
         creator,

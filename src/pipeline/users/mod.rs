@@ -134,7 +134,6 @@ impl Default for UsersStats {
 /// flight, the scheduler); the pipeline holds it in an `AbortOnDropHandle`.
 pub(crate) fn spawn(
     rx: queue::Receiver<DecodedChunk>,
-    queue_items: usize,
     budget: &MemoryBudget,
     pool: Pool,
     creator: Option<UserCreator>,
@@ -142,7 +141,7 @@ pub(crate) fn spawn(
     cancel: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(queue::Receiver<DecodedChunk>, JoinHandle<()>), UsersError> {
-    let (tx, out) = queue::channel("users", queue_items, budget.users_queue());
+    let (tx, out) = queue::channel("users", super::DECODED_QUEUE_CHUNKS, budget.users_queue());
     let Some(creator) = creator else {
         return Ok((out, tokio::spawn(pass_through(rx, tx))));
     };
