@@ -24,6 +24,7 @@ mod process;
 mod relay_client;
 mod replay;
 mod repos;
+mod resync;
 mod sync_verify;
 mod takeover;
 mod tls;

@@ -3,6 +3,7 @@
 
 pub mod fake_identity;
 pub mod reframe;
+pub mod standin;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
