@@ -150,7 +150,9 @@ pub(super) struct VerifyStage {
 enum Check {
     /// Not a commit or `#sync`, or a `tooBig` commit (the writer marks those).
     Pass,
-    Ok { data: Cid },
+    Ok {
+        data: Cid,
+    },
     Failed(VerifyError),
     NoKey,
 }

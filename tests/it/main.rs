@@ -30,3 +30,4 @@ mod takeover;
 mod tls;
 mod txn;
 mod users;
+mod verify;
