@@ -244,3 +244,38 @@ async fn forged_and_missing_commits_store_nothing_forged_and_desynchronize(pool:
     }
     assert_eq!(states.len(), 3, "only the broken repos: {states:?}");
 }
+
+#[sqlx::test(migrations = false)]
+async fn without_keys_nothing_is_trusted_and_every_repo_waits_for_a_resync(pool: sqlx::PgPool) {
+    // A PLC directory that is not there: no key can be had.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let net = StandIn::snap().await;
+    let mut cfg = verifying(&net);
+    cfg.users.identity.plc_url = format!("http://{closed}");
+    cfg.users.identity.timeout = std::time::Duration::from_millis(500);
+    let frames: Vec<Vec<u8>> = snap_frames().into_iter().take(600).collect();
+    let stats = replay_frames(&pool, &frames, cfg).await;
+    assert_eq!(stats.verify.verified.load(Ordering::Relaxed), 0);
+    let rejected = stats.verify.rejected_by_reason();
+    assert_eq!(
+        rejected.keys().copied().collect::<Vec<_>>(),
+        ["key_unavailable"]
+    );
+    let stored: usize = common::stored(&pool)
+        .await
+        .values()
+        .map(BTreeSet::len)
+        .sum();
+    assert_eq!(stored, 0, "nothing unverified is written");
+    let (states, queued) = broken(&pool).await;
+    assert!(!states.is_empty());
+    assert!(states.values().all(|s| *s
+        == (
+            "desynchronized".to_owned(),
+            Some("key_unavailable".to_owned())
+        )));
+    assert_eq!(queued, states.keys().cloned().collect());
+}
