@@ -9,7 +9,8 @@
 //! | --- | --- | --- |
 //! | raw frames queued ahead of the decoder | 1/8 | 32 MB |
 //! | decoded chunks queued ahead of the users stage | 1/8 | 32 MB |
-//! | chunks queued ahead of the batcher | 1/16 | 16 MB |
+//! | chunks queued ahead of the verify stage (or the batcher) | 1/32 | 8 MB |
+//! | chunks queued between the verify stage and the batcher | 1/32 | 8 MB |
 //! | batches: one built, one queued, one written (each) | 1/16 | 16 MB × 3 |
 //! | pending-op map (events of users being created) | 1/8 | 32 MB |
 //! | live relay messages queued ahead of the pipeline (per hop) | 1/32 | 8 MB |
@@ -82,9 +83,14 @@ impl MemoryBudget {
         self.total / 8
     }
 
-    /// Chunks queued between the users stage and the batcher.
+    /// Chunks queued after the users stage (ahead of the verify stage, or of the batcher).
     pub fn users_queue(&self) -> usize {
-        self.total / 16
+        self.total / 32
+    }
+
+    /// Chunks queued between the verify stage and the batcher (when verification is on).
+    pub fn verified_queue(&self) -> usize {
+        self.total / 32
     }
 
     /// One batch (the batcher cuts a batch at this size; the batch queue holds one).
@@ -119,12 +125,13 @@ impl MemoryBudget {
     }
 
     /// Every share by name, for the `memory_budget_bytes` gauge and the docs.
-    pub fn shares(&self) -> [(&'static str, usize); 9] {
+    pub fn shares(&self) -> [(&'static str, usize); 10] {
         [
             ("total", self.total),
             ("raw_queue", self.raw_queue()),
             ("decoded_queue", self.decoded_queue()),
             ("users_queue", self.users_queue()),
+            ("verified_queue", self.verified_queue()),
             ("batch", self.batch()),
             ("pending", self.pending()),
             ("live_queue", self.live_queue()),
@@ -153,6 +160,7 @@ mod tests {
         let assigned = b.raw_queue()
             + b.decoded_queue()
             + b.users_queue()
+            + b.verified_queue()
             + 3 * b.batch()
             + b.pending()
             + b.live_queue()

@@ -133,11 +133,12 @@ metrics! {
         "atproto_ingest_lag_events", "Relay seq received minus the durable cursor.";
 
     // --- Memory budget (src/budget.rs) ---
-    /// `share`: `total`, `raw_queue`, `decoded_queue`, `users_queue`, `batch`, `pending`,
+    /// `share`: `total`, `raw_queue`, `decoded_queue`, `users_queue`, `verified_queue`, `batch`, `pending`,
     /// `live_queue`, `known_dids`, `identity_caches`.
     pub(crate) MEMORY_BUDGET_BYTES: Gauge(Bytes)["share"] =
         "atproto_ingest_memory_budget_bytes", "Memory budget and its share per bound.";
-    /// `queue`: `raw`, `decoded`, `users`, `batches`, `live` (sampled as the source drains it).
+    /// `queue`: `raw`, `decoded`, `users`, `verified`, `batches`, `live` (sampled as the
+    /// source drains it).
     pub(crate) QUEUE_BYTES: Gauge(Bytes)["queue"] =
         "atproto_ingest_queue_bytes", "Bytes queued between pipeline stages, by queue.";
 
@@ -271,6 +272,27 @@ metrics! {
         "atproto_ingest_job_rows_deleted_total", "Rows deleted by background jobs, by job.";
     pub(crate) JOB_SECONDS: Histogram(Seconds)["job"] =
         "atproto_ingest_job_seconds", "Background job run duration, by job.";
+
+    // --- Commit verification (§12) ---
+    pub(crate) COMMITS_VERIFIED_TOTAL: Counter[] =
+        "atproto_ingest_commits_verified_total",
+        "Commits and #sync events whose signature and MST proof verified.";
+    /// `reason`: a verification failure (`bad_signature`, `op_not_proven`, …) or
+    /// `key_unavailable`.
+    pub(crate) COMMITS_REJECTED_TOTAL: Counter["reason"] =
+        "atproto_ingest_commits_rejected_total",
+        "Commits and #sync events rejected (nothing written), by reason.";
+    /// `reason`: `chain_broken`, `sync_differs`, `key_unavailable`, `too_big`, decode limits, …
+    pub(crate) REPOS_DESYNCHRONIZED_TOTAL: Counter["reason"] =
+        "atproto_ingest_repos_desynchronized_total",
+        "Repos marked desynchronized (a resync queued), by reason.";
+    pub(crate) EVENTS_OF_DESYNCHRONIZED_REPOS_TOTAL: Counter[] =
+        "atproto_ingest_events_of_desynchronized_repos_total",
+        "Live commits not applied because their repo awaits a resync (the resync covers them).";
+    pub(crate) VERIFY_CACHE_REPOS: Gauge[] =
+        "atproto_ingest_verify_cache_repos", "Repos whose head and key the verifier holds.";
+    pub(crate) VERIFY_CACHE_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_verify_cache_bytes", "Estimated bytes of the verifier's repo cache.";
 
     // --- Leader election and fencing (§7) ---
     pub(crate) LEADER: Gauge[] = "atproto_ingest_leader", "1 while this instance is the leader.";

@@ -113,6 +113,17 @@ pub struct Commit {
     /// DAG-CBOR bytes of the records the ops hold, counted once per op: what the decoded
     /// records weigh in memory is estimated from it (the pipeline's byte bounds).
     pub records_bytes: usize,
+    /// MST root (`data`) of the signed commit, set by the verify stage once the commit is
+    /// verified (§12); `None` when verification is off. Stored as the repo's head.
+    pub data: Option<Cid>,
+}
+
+impl Commit {
+    /// Whether the commit carries its blocks: not `tooBig` and within the decode limits (a
+    /// commit that is neither passes unverified; its repo is marked for resync).
+    pub fn readable(&self) -> bool {
+        !self.too_big && self.over_limit.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

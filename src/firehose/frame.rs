@@ -366,6 +366,7 @@ fn decode_commit(b: CommitBody<'_>, limits: &CommitLimits) -> Result<Event, Fram
             },
             over_limit: over,
             records_bytes,
+            data: None,
         }),
     })
 }

@@ -272,6 +272,7 @@ mod tests {
             blocks: Vec::new(),
             over_limit: None,
             records_bytes: 0,
+            data: None,
         }
     }
 
