@@ -40,6 +40,12 @@ fn is_commit(msg: &[u8]) -> bool {
 /// alternate between `HOSTILE_OPS` creates all pointing at one block: the first create's
 /// record padded to about `HOSTILE_RECORD_BYTES`, stored under its correct CID.
 fn hostile_copy(msg: &[u8], seq: i64) -> Option<(String, Vec<u8>)> {
+    sharing_copy(msg, seq, HOSTILE_OPS, HOSTILE_RECORD_BYTES)
+}
+
+/// A copy of the real commit `msg` with `seq` whose ops are `n` creates sharing one record
+/// block: its first create's record padded by `pad` bytes, under its correct CID.
+fn sharing_copy(msg: &[u8], seq: i64, n: usize, pad: usize) -> Option<(String, Vec<u8>)> {
     if !is_commit(msg) {
         return None;
     }
@@ -53,10 +59,10 @@ fn hostile_copy(msg: &[u8], seq: i64) -> Option<(String, Vec<u8>)> {
     };
     let collection = path.split_once('/')?.0.to_owned();
     let mut record = f.record(i);
-    record.insert("pad".into(), Ipld::String("x".repeat(HOSTILE_RECORD_BYTES)));
+    record.insert("pad".into(), Ipld::String("x".repeat(pad)));
     let cid = f.set_record(i, record);
     let template = &ops[i];
-    let hostile = (0..HOSTILE_OPS)
+    let hostile = (0..n)
         .map(|j| {
             let mut op = template.clone();
             op.insert(
@@ -95,6 +101,57 @@ fn with_hostile_commits(from: usize, n: usize) -> (Vec<Vec<u8>>, Vec<String>) {
     assert_eq!(hostile.len(), n, "not enough commits with a create op");
     all.splice(from..from, hostile);
     (all, repos)
+}
+
+/// Each limit on a real commit re-encoded: a shared block counts once per op, a record over
+/// the record limit or a CAR over the `blocks` limit skips the commit, and within the limits
+/// every op sharing the block gets the same decoded record.
+#[test]
+fn each_limit_skips_the_commit_with_its_reason() {
+    use atproto_ingest::firehose::{decode_with, CommitLimits, EventKind, OpRecord, OverLimit};
+    let all = frames();
+    let msg = all
+        .iter()
+        .find(|m| sharing_copy(m, 1, 1, 1).is_some())
+        .unwrap();
+    let decode = |n: usize, pad: usize, limits: &CommitLimits| {
+        let (_, f) = sharing_copy(msg, 1, n, pad).unwrap();
+        match decode_with(&f, limits).unwrap().event.kind {
+            EventKind::Commit(c) => c,
+            other => panic!("{}", other.type_name()),
+        }
+    };
+    let spec = CommitLimits::default();
+    // Two ops share a 900 KB block: 1.8 MB counted, within the 2 MB limit.
+    let c = decode(2, HOSTILE_RECORD_BYTES, &spec);
+    assert_eq!(c.over_limit, None);
+    assert_eq!(c.ops.len(), 2);
+    assert!(c.ops.iter().all(|op| !matches!(
+        op.record,
+        OpRecord::Unavailable(_) | OpRecord::None | OpRecord::Superseded
+    )));
+    assert!(c.records_bytes > 2 * HOSTILE_RECORD_BYTES);
+    // Three: 2.7 MB counted once per op.
+    let c = decode(3, HOSTILE_RECORD_BYTES, &spec);
+    assert_eq!(c.over_limit, Some(OverLimit::RecordsTooLarge));
+    assert!(c.ops.is_empty() && c.blocks.is_empty());
+    assert_eq!(
+        decode(1, 1_100_000, &spec).over_limit,
+        Some(OverLimit::RecordTooLarge)
+    );
+    let small_car = CommitLimits {
+        max_blocks_bytes: 10_000,
+        ..spec
+    };
+    assert_eq!(
+        decode(1, 20_000, &small_car).over_limit,
+        Some(OverLimit::BlocksTooLarge)
+    );
+    assert_eq!(
+        decode(201, 10, &spec).over_limit,
+        Some(OverLimit::TooManyOps)
+    );
+    assert_eq!(decode(200, 10, &spec).over_limit, None);
 }
 
 #[sqlx::test(migrations = false)]
