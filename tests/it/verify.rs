@@ -279,3 +279,46 @@ async fn without_keys_nothing_is_trusted_and_every_repo_waits_for_a_resync(pool:
         )));
     assert_eq!(queued, states.keys().cloned().collect());
 }
+
+/// `run` as deployed: identities resolved by the users stage, commits verified with the keys
+/// of the same resolver, live from the test relay serving `snap.frames`.
+#[sqlx::test(migrations = false)]
+async fn live_run_verifies_with_the_users_stage_resolver(pool: sqlx::PgPool) {
+    use crate::live_common::{self, app_config, service, wait_cursor};
+    use atproto_ingest::pipeline::UsersConfig;
+    use atproto_ingest::testrelay::{TestRelay, TestRelayConfig};
+
+    let net = StandIn::snap().await;
+    let relay = TestRelay::from_file(&common::fixture("snap.frames"), TestRelayConfig::default())
+        .await
+        .unwrap();
+    let last = reframe::Frame::parse(snap_frames().last().unwrap()).seq();
+    let prefix = live_common::prefix("verify");
+    let mut cfg = app_config(&pool, &relay, &prefix);
+    cfg.pipeline.users = UsersConfig::resolving(net.identity_config());
+    cfg.pipeline.verify_commits = true;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(atproto_ingest::app::run(cfg, shutdown.clone()));
+    wait_cursor(
+        &pool,
+        &service(&relay),
+        last,
+        std::time::Duration::from_secs(90),
+    )
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    common::assert_matches_truth(&pool, &common::truth("snap")).await;
+    let (states, queued) = broken(&pool).await;
+    assert!(
+        states.is_empty() && queued.is_empty(),
+        "{states:?} {queued:?}"
+    );
+    let verified_heads: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM actors WHERE repo_data IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(verified_heads >= 45, "{verified_heads}");
+    live_common::cleanup(&prefix).await;
+}
