@@ -25,9 +25,7 @@ pub const CLAIM_LEASE: Duration = Duration::from_secs(10 * 60);
 /// The wait after the `attempts`-th failed resync: 1 min doubling to 1 h.
 pub fn backoff(attempts: u32) -> Duration {
     let doublings = attempts.saturating_sub(1).min(16);
-    MIN_BACKOFF
-        .saturating_mul(1 << doublings)
-        .min(MAX_BACKOFF)
+    MIN_BACKOFF.saturating_mul(1 << doublings).min(MAX_BACKOFF)
 }
 
 /// What is stored of one repo.

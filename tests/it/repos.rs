@@ -72,7 +72,10 @@ async fn failures_back_off_and_success_synchronizes(pg: PgPool) {
         .await
         .unwrap();
     let q = queue(&pg).await;
-    assert!((55.0..=60.0).contains(&q[0].3), "first retry in a minute: {q:?}");
+    assert!(
+        (55.0..=60.0).contains(&q[0].3),
+        "first retry in a minute: {q:?}"
+    );
     assert_eq!(state(&pg, &did).await.0, "desynchronized");
     assert!(repos::claim_due(&**client, 1).await.unwrap().is_empty());
 
@@ -98,7 +101,9 @@ async fn failures_back_off_and_success_synchronizes(pg: PgPool) {
         .unwrap());
     assert_eq!(state(&pg, &did).await, ("synchronized".into(), None, false));
     assert!(queue(&pg).await.is_empty());
-    let heads = repos::heads(&**client, std::slice::from_ref(&did)).await.unwrap();
+    let heads = repos::heads(&**client, std::slice::from_ref(&did))
+        .await
+        .unwrap();
     assert_eq!(heads[0].1.rev.as_deref(), Some("3rev"));
     assert_eq!(heads[0].1.data.as_deref(), Some("bdata"));
 }
@@ -115,9 +120,11 @@ async fn a_break_during_a_resync_keeps_the_repo_queued(pg: PgPool) {
     repos::desynchronize(&**client, &[(did.clone(), "chain_broken")])
         .await
         .unwrap();
-    assert!(!repos::resynced(&**client, &did, "3rev", "bdata", "bcommit")
-        .await
-        .unwrap());
+    assert!(
+        !repos::resynced(&**client, &did, "3rev", "bdata", "bcommit")
+            .await
+            .unwrap()
+    );
     assert_eq!(state(&pg, &did).await.0, "desynchronized");
     assert_eq!(queue(&pg).await.len(), 1);
     let (by_state, queued) = repos::counts(&**client).await.unwrap();
