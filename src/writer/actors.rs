@@ -51,10 +51,14 @@ pub(super) async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), tokio
     let handle: Vec<Option<&str>> = plan.actors.values().map(|a| a.handle.as_deref()).collect();
     let status: Vec<Option<&str>> = plan.actors.values().map(|a| a.status.as_deref()).collect();
     let rev: Vec<Option<&str>> = plan.actors.values().map(|a| a.rev.as_deref()).collect();
-    // Only rows whose values really change are touched: a replay rewrites nothing.
+    // Only rows whose values really change are touched: a replay rewrites nothing. A handle
+    // taken from an `#identity` event is unverified until resolution confirms it both ways
+    // (§5): a new one is stored with `handle_valid = false`, an unchanged one keeps its flag.
     exec(
         tx,
         "UPDATE actors a SET handle = COALESCE(u.handle, a.handle), status = COALESCE(u.status, a.status), \
+         handle_valid = CASE WHEN u.handle IS NOT NULL AND u.handle IS DISTINCT FROM a.handle \
+         THEN false ELSE a.handle_valid END, \
          rev = COALESCE(u.rev, a.rev) \
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(did, handle, status, rev) \
          WHERE a.did = u.did AND (a.handle IS DISTINCT FROM COALESCE(u.handle, a.handle) \
