@@ -119,6 +119,9 @@ metrics! {
     /// `kind`: `skip`, `backward`, `outdated_cursor`.
     pub(crate) RELAY_SEQ_GAPS_TOTAL: Counter["kind"] =
         "atproto_ingest_relay_seq_gaps_total", "Relay seq discontinuities, by kind.";
+    /// `result`: `held` (a seq far beyond the last one), then `confirmed` or `dropped`.
+    pub(crate) RELAY_SEQ_JUMPS_TOTAL: Counter["result"] =
+        "atproto_ingest_relay_seq_jumps_total", "Relay seqs far beyond the last one, held until the next frame confirms them, by result.";
 
     // --- Progress and lag (§4, §9) ---
     pub CURSOR_SEQ: Gauge[] = "atproto_ingest_cursor_seq", "Durable cursor (last committed seq).";

@@ -38,6 +38,12 @@ pub enum FrameError {
     UnknownType(String),
     #[error("commit blocks: {0}")]
     Car(String),
+    #[error("event DID {0:?} is not a DID")]
+    BadDid(String),
+    #[error("rev {0:?} is not a TID")]
+    BadRev(String),
+    #[error("rev {0:?} is more than 5 minutes in the future")]
+    FutureRev(String),
 }
 
 impl FrameError {
@@ -53,6 +59,9 @@ impl FrameError {
             Self::UnknownOp(_) => "unknown_op",
             Self::UnknownType(_) => "unknown_type",
             Self::Car(_) => "bad_car",
+            Self::BadDid(_) => "bad_did",
+            Self::BadRev(_) => "bad_rev",
+            Self::FutureRev(_) => "future_rev",
         }
     }
 }
@@ -262,6 +271,7 @@ pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
         },
         op => return Err(FrameError::UnknownOp(op)),
     };
+    super::sanity::check(&event, super::sanity::now_micros())?;
     Ok(DecodedFrame {
         event,
         non_canonical,

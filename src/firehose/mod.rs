@@ -8,6 +8,7 @@ pub mod event;
 pub mod fixture;
 pub mod frame;
 pub mod record;
+pub mod sanity;
 pub mod syntax;
 
 pub use event::{Action, Event, EventKind, OpRecord, RecordOp};

@@ -22,6 +22,7 @@ mod malformed;
 mod netguard;
 mod process;
 mod relay_client;
+mod relay_sanity;
 mod replay;
 mod repos;
 mod sync_verify;
