@@ -96,6 +96,10 @@ metrics! {
         "Record ops skipped: record unreadable (block missing, CID mismatch, tooBig, ...), by reason.";
     pub(crate) COMMITS_TOO_BIG_TOTAL: Counter[] =
         "atproto_ingest_commits_too_big_total", "tooBig commits (repo needs a resync).";
+    /// The run's per-collection tables keep at most `stats::MAX_COLLECTIONS` collections apart.
+    pub(crate) STATS_COLLECTIONS_FOLDED_TOTAL: Counter[] =
+        "atproto_ingest_stats_collections_folded_total",
+        "Ops and invalid records of collections past the run tables' bound, counted under (other).";
 
     // --- Relay client (§3) ---
     pub(crate) RELAY_CONNECTED: Gauge[] =
@@ -170,7 +174,8 @@ metrics! {
         "atproto_ingest_users_db_errors_total", "Database errors of the users stage, by op.";
     pub(crate) RERESOLVE_RUNS_TOTAL: Counter[] =
         "atproto_ingest_reresolve_runs_total", "Identity re-resolution job runs.";
-    /// `result`: `resolved`, `stub`.
+    /// `result`: `resolved`, `stub` (retried with backoff), `given_up` (tombstoned DID or
+    /// unsupported method: marked, never retried by the job).
     pub(crate) RERESOLVE_ACTORS_TOTAL: Counter["result"] =
         "atproto_ingest_reresolve_actors_total", "Actors re-resolved by the job, by result.";
 
