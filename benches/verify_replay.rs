@@ -11,7 +11,6 @@
 //! (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`, dropped and recreated
 //! before each run).
 
-#[allow(dead_code)]
 #[path = "../tests/it/common/standin.rs"]
 mod standin;
 
