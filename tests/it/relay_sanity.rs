@@ -2,7 +2,7 @@
 //! identifiers, a `rev` an hour in the future, and a seq far beyond the others. Each hostile
 //! frame is a re-encoded copy of a real `small.frames` frame, inserted before the genuine one:
 //! the hostile copies are skipped (counted by reason) or dropped, and the end state equals the
-//! truth.
+//! truth, replayed from a file and served live by the test relay.
 use crate::common::reframe::Frame;
 use crate::{common, live_common};
 
@@ -63,8 +63,10 @@ fn rev_in_an_hour() -> String {
     Tid::from_datetime(LimitedU32::MIN, t).as_str().to_owned()
 }
 
-#[sqlx::test(migrations = false)]
-async fn bad_dids_bad_revs_and_future_revs_are_skipped_and_counted(pool: sqlx::PgPool) {
+/// `small.frames` with five hostile copies, each right before its genuine frame (same seq).
+/// Applied, any of them would break the truth: a bogus actor and its records, or a rev that
+/// makes every later commit of the repo look already applied.
+fn hostile_corpus() -> Vec<Vec<u8>> {
     let frames = small_frames();
     let (c1, c2, c3) = (
         nth(&frames, "#commit", 10),
@@ -72,22 +74,24 @@ async fn bad_dids_bad_revs_and_future_revs_are_skipped_and_counted(pool: sqlx::P
         nth(&frames, "#commit", 30),
     );
     let (id, acct) = (nth(&frames, "#identity", 2), nth(&frames, "#account", 2));
-    // Hostile copies, each right before its genuine frame (same seq). Applied, any of them
-    // would break the truth: a bogus actor and its records, or a rev that makes every later
-    // commit of the repo look already applied.
-    let hostile = [
+    let mut hostile = [
         (c1, with_field(&frames, c1, "repo", "did:plc:not a did")),
         (c2, with_field(&frames, c2, "rev", "2024-01-01T00:00")),
         (c3, with_field(&frames, c3, "rev", &rev_in_an_hour())),
         (id, with_field(&frames, id, "did", "plc:no-scheme")),
         (acct, with_field(&frames, acct, "did", "did:Bad:x")),
     ];
-    let mut corpus = frames.clone();
-    let mut at: Vec<_> = hostile.to_vec();
-    at.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-    for (i, f) in at {
+    hostile.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+    let mut corpus = frames;
+    for (i, f) in hostile {
         corpus.insert(i, f);
     }
+    corpus
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_dids_bad_revs_and_future_revs_are_skipped_and_counted(pool: sqlx::PgPool) {
+    let corpus = hostile_corpus();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hostile.frames");
     common::reframe::write_fixture(&path, &corpus);
@@ -114,13 +118,18 @@ async fn bad_dids_bad_revs_and_future_revs_are_skipped_and_counted(pool: sqlx::P
 }
 
 #[sqlx::test(migrations = false)]
-async fn a_lone_seq_far_ahead_does_not_move_the_cursor(pool: sqlx::PgPool) {
-    let mut frames = small_frames();
-    // A copy of seq 1000 renumbered a billion ahead, served between seq 1000 and 1001.
-    let mut far = Frame::parse(&frames[999]);
+async fn live_hostile_frames_and_a_lone_seq_far_ahead_leave_the_truth_and_the_cursor(
+    pool: sqlx::PgPool,
+) {
+    // The hostile copies above, and a copy of seq 1000 renumbered a billion ahead, served
+    // right after the genuine seq 1000.
+    let genuine = small_frames()[999].clone();
+    let mut far = Frame::parse(&genuine);
     assert_eq!(far.seq(), 1000);
     far.set_seq(1_000_000_000);
-    frames.insert(1000, far.encode());
+    let mut frames = hostile_corpus();
+    let at = frames.iter().position(|f| *f == genuine).unwrap();
+    frames.insert(at + 1, far.encode());
     let relay = TestRelay::start(frames, TestRelayConfig::default())
         .await
         .unwrap();
@@ -141,5 +150,6 @@ async fn a_lone_seq_far_ahead_does_not_move_the_cursor(pool: sqlx::PgPool) {
         "the cursor ends at the last genuine seq, not at the outlier"
     );
     common::assert_matches_truth(&pool, &common::truth("small")).await;
+    common::assert_aggregates_consistent(&pool).await;
     live_common::cleanup(&prefix).await;
 }
