@@ -98,6 +98,9 @@ pub struct AppConfig {
     pub jobs: JobsConfig,
     /// Leader-only re-resolution of stub users (when identity resolution is on).
     pub reresolve_interval: Duration,
+    /// The first start's resume point when no cursor is stored (`Some(0)`: the oldest event
+    /// the relay has); `None`: the live tail. Ignored once a cursor is stored (§4).
+    pub start_cursor: Option<i64>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -119,6 +122,7 @@ impl std::fmt::Debug for AppConfig {
             .field("pool_monitor_interval", &self.pool_monitor_interval)
             .field("jobs", &self.jobs)
             .field("reresolve_interval", &self.reresolve_interval)
+            .field("start_cursor", &self.start_cursor)
             .finish()
     }
 }
@@ -139,6 +143,7 @@ impl AppConfig {
             pool_monitor_interval: pool_monitor::DEFAULT_INTERVAL,
             jobs: JobsConfig::default(),
             reresolve_interval: jobs::DEFAULT_RERESOLVE_INTERVAL,
+            start_cursor: None,
         }
     }
 }

@@ -85,6 +85,11 @@ pub struct RunOptions {
     /// only, with identity resolution on).
     #[arg(long, env = "RERESOLVE_INTERVAL_MS", value_name = "MS", default_value_t = ms(jobs::DEFAULT_RERESOLVE_INTERVAL))]
     pub reresolve_interval_ms: u64,
+    /// Where a first start begins when this relay has no stored cursor: resume after seq N
+    /// (`0`: from the oldest event the relay still has). Without it a first start reads the
+    /// live tail. Made durable at once; ignored (and logged) once a cursor is stored.
+    #[arg(long, env = "START_CURSOR", value_name = "N")]
+    pub start_cursor: Option<i64>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -208,6 +213,15 @@ impl RunOptions {
             "must be at least 1",
             self.cleanup_batch,
         )?;
+        if let Some(n) = self.start_cursor {
+            check(
+                n >= 0,
+                "--start-cursor",
+                "START_CURSOR",
+                "must be at least 0 (0: the oldest event the relay has)",
+                n,
+            )?;
+        }
         let relay = ClientConfig {
             relay_url: self.relay_url.clone(),
             max_message_bytes: pipeline.max_frame_bytes,
@@ -231,6 +245,7 @@ impl RunOptions {
             batch_size: self.cleanup_batch,
         };
         cfg.reresolve_interval = reresolve_interval;
+        cfg.start_cursor = self.start_cursor;
         Ok(cfg)
     }
 }

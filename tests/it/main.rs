@@ -23,6 +23,7 @@ mod malformed;
 mod netguard;
 mod process;
 mod relay_client;
+mod relay_sanity;
 mod replay;
 mod repos;
 mod resync;
