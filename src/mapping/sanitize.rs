@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | U+0000 in a text column | `22021` | removed |
 //! | U+0000 in a jsonb string or key | `22P05` | removed (a key that then equals another key: the later one wins) |
-//! | a reference (AT-URI or DID naming another record or account) over [`MAX_INDEXED_BYTES`] | `54000` (btree row size) | cut to [`MAX_INDEXED_BYTES`] at a character boundary, [`CUT_MARK`] appended |
+//! | a reference (AT-URI or DID naming another record or account) over [`MAX_INDEXED_BYTES`] | `54000` (btree row size) | cut at a character boundary and [`CUT_MARK`] appended, [`MAX_INDEXED_BYTES`] in all |
 //! | a datetime outside PostgreSQL's `timestamptz` range | `22008` | `NULL` |
 //!
 //! A record's own key (`uri`, `did`) is never changed: a changed key would no longer match the
@@ -87,11 +87,12 @@ impl Fixes {
         }
     }
 
-    /// A reference in an indexed column: U+0000 removed, then cut to [`MAX_INDEXED_BYTES`].
+    /// A reference in an indexed column: U+0000 removed, then cut to [`MAX_INDEXED_BYTES`]
+    /// (mark included).
     pub(crate) fn reference(&mut self, s: &mut String) {
         self.text(s);
         if s.len() > MAX_INDEXED_BYTES {
-            let mut end = MAX_INDEXED_BYTES;
+            let mut end = MAX_INDEXED_BYTES - CUT_MARK.len();
             while !s.is_char_boundary(end) {
                 end -= 1;
             }
@@ -214,11 +215,12 @@ mod tests {
         f.reference(&mut same);
         assert_eq!(same, exact);
         assert_eq!(f.total(), 0);
-        // A 3-byte character straddles the limit: the cut falls before it.
-        let mut long = format!("{}€{}", "x".repeat(MAX_INDEXED_BYTES - 1), "y".repeat(7000));
+        // A 3-byte character straddles the cut: the cut falls before it.
+        let keep = MAX_INDEXED_BYTES - CUT_MARK.len() - 1;
+        let mut long = format!("{}€{}", "x".repeat(keep), "y".repeat(7000));
         f.reference(&mut long);
-        assert_eq!(long, format!("{}{CUT_MARK}", "x".repeat(MAX_INDEXED_BYTES - 1)));
-        assert!(long.len() <= MAX_INDEXED_BYTES + CUT_MARK.len());
+        assert_eq!(long, format!("{}{CUT_MARK}", "x".repeat(keep)));
+        assert!(long.len() <= MAX_INDEXED_BYTES);
         // Cutting again changes nothing: replays store the same value.
         let before = long.clone();
         f.reference(&mut long);
