@@ -279,14 +279,17 @@ mod tests {
 
     #[test]
     fn parses_dead_letters_flags() {
-        let cli = Cli::try_parse_from(["atproto-ingest", "dead-letters", "retry", "--id", "3"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["atproto-ingest", "dead-letters", "retry", "--id", "3"]).unwrap();
         let Command::DeadLetters(o) = cli.command else {
             panic!("not dead-letters")
         };
         assert!(matches!(
             o.action,
-            dead_letters::DeadLettersAction::Retry { id: Some(3), all: false }
+            dead_letters::DeadLettersAction::Retry {
+                id: Some(3),
+                all: false
+            }
         ));
         for bad in [
             &["dead-letters", "retry"][..],
@@ -295,14 +298,18 @@ mod tests {
             let args = std::iter::once("atproto-ingest").chain(bad.iter().copied());
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
-        let cli = Cli::try_parse_from(["atproto-ingest", "dead-letters", "list", "--json"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["atproto-ingest", "dead-letters", "list", "--json"]).unwrap();
         let Command::DeadLetters(o) = cli.command else {
             panic!("not dead-letters")
         };
         assert!(matches!(
             o.action,
-            dead_letters::DeadLettersAction::List { json: true, limit: 100, id: None }
+            dead_letters::DeadLettersAction::List {
+                json: true,
+                limit: 100,
+                id: None
+            }
         ));
     }
 

@@ -64,7 +64,12 @@ pub enum DeadLettersAction {
     /// removed, the others stay with their new error. Prints how many of each.
     Retry {
         /// Only this dead letter.
-        #[arg(long, value_name = "N", required_unless_present = "all", conflicts_with = "all")]
+        #[arg(
+            long,
+            value_name = "N",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
         id: Option<i64>,
         /// Every dead letter.
         #[arg(long)]
@@ -159,7 +164,10 @@ mod tests {
             service: "replay".into(),
             seq: 42,
             did: Some("did:plc:a".into()),
-            uri: Some(format!("at://did:plc:a/app.bsky.feed.like/1#/{}", "x".repeat(7000))),
+            uri: Some(format!(
+                "at://did:plc:a/app.bsky.feed.like/1#/{}",
+                "x".repeat(7000)
+            )),
             collection: None,
             sqlstate: "54000".into(),
             error: "index row size 7088 exceeds btree maximum 2704".into(),
@@ -170,7 +178,10 @@ mod tests {
         let mut text = Vec::new();
         print_list(std::slice::from_ref(&row), false, &mut text).unwrap();
         let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("id=7 service=replay seq=42 sqlstate=54000"), "{text}");
+        assert!(
+            text.contains("id=7 service=replay seq=42 sqlstate=54000"),
+            "{text}"
+        );
         assert!(text.contains("collection=-"), "{text}");
         assert!(text.contains("bytes)"), "{text}");
         assert!(text.len() < 1000, "{text}");

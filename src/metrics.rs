@@ -215,7 +215,7 @@ metrics! {
     pub(crate) DB_RETRIES_TOTAL: Counter["sqlstate"] =
         "atproto_ingest_db_retries_total", "Transaction retries, by SQLSTATE or cause.";
     /// `reason`: `deadlock`, `serialization`, `statement_timeout`, `connection`, `pool`,
-    /// `tx_timeout`, `permanent`, `cancelled`.
+    /// `tx_timeout`, `data` (a data error: the batch is split, §6), `permanent`, `cancelled`.
     pub(crate) DB_TX_FAILURES_TOTAL: Counter["reason"] =
         "atproto_ingest_db_tx_failures_total", "Transactions that failed for good, by reason.";
     /// `kind`: `nul_text`, `nul_json`, `long_reference`, `time_out_of_range` (§6).

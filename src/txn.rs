@@ -336,6 +336,7 @@ fn m_counter(name: &'static str) {
 fn reason_of<E: StdError + 'static>(e: &TxError<E>) -> &'static str {
     match e {
         TxError::RetriesExhausted { reason, .. } => reason,
+        TxError::Permanent { .. } if e.is_data_error() => "data",
         TxError::Permanent { .. } => "permanent",
         TxError::TimedOut { .. } => "tx_timeout",
         TxError::Pool { .. } => "pool",
@@ -439,10 +440,14 @@ mod tests {
 
     #[test]
     fn data_errors_are_classes_22_23_54() {
-        for s in ["22021", "22P05", "22008", "23514", "23505", "54000", "54001"] {
+        for s in [
+            "22021", "22P05", "22008", "23514", "23505", "54000", "54001",
+        ] {
             assert!(is_data_sqlstate(s), "{s}");
         }
-        for s in ["40P01", "40001", "57014", "08006", "42P01", "XX000", "22", ""] {
+        for s in [
+            "40P01", "40001", "57014", "08006", "42P01", "XX000", "22", "",
+        ] {
             assert!(!is_data_sqlstate(s), "{s}");
         }
     }

@@ -17,8 +17,8 @@ use super::lexicon::{self, Check};
 use super::posts::{self, PostRow};
 use super::profile::{self, ProfileRow};
 use super::{Fixes, GenericRow, Meta, Origin};
-use serde::Deserialize;
 use crate::firehose::record::Rejection;
+use serde::Deserialize;
 
 type Datetime = atrium_api::types::string::Datetime;
 

@@ -19,10 +19,10 @@ use std::ops::AddAssign;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
-/// Longest reference stored as is in an indexed column. A btree entry holds at most 2,704
-/// bytes; the widest index (`notifications`' key: record URI, reason, recipient DID) must fit
-/// a record's own URI next to a reference, and no valid DID or record URI of a supported DID
-/// method (did:plc, did:web) comes near 1,000 bytes.
+/// Longest reference stored (cut ones included). A btree entry holds at most 2,704 bytes; the
+/// widest index (`notifications`' key: record URI, reason, recipient DID) must fit a record's
+/// own URI next to a reference; and a valid reference to a record of a did:plc or did:web
+/// account is at most about 800 bytes (253-byte domain, NSID, 512-byte record key).
 pub const MAX_INDEXED_BYTES: usize = 1000;
 
 /// Appended to a cut reference. No valid DID or AT-URI contains it (both are ASCII), so a cut
@@ -243,7 +243,10 @@ mod tests {
         assert_eq!(far, None);
         let mut max = Some(DateTime::<Utc>::MAX_UTC);
         f.time(&mut max);
-        assert!(max.is_some(), "chrono's maximum is inside PostgreSQL's range");
+        assert!(
+            max.is_some(),
+            "chrono's maximum is inside PostgreSQL's range"
+        );
         assert_eq!(f.get(Fix::TimeOutOfRange), 1);
     }
 }

@@ -79,7 +79,10 @@ pub(crate) async fn insert(
     let mut f = Fixes::default();
     let mut did = ev.kind.did().map(str::to_owned);
     let first = match &ev.kind {
-        EventKind::Commit(c) => c.ops.first().map(|op| (op.uri(&c.repo), op.collection.clone())),
+        EventKind::Commit(c) => c
+            .ops
+            .first()
+            .map(|op| (op.uri(&c.repo), op.collection.clone())),
         _ => None,
     };
     let (mut uri, mut collection) = first.unzip();
@@ -451,7 +454,10 @@ mod tests {
         let EventKind::Identity(i) = back.kind else {
             panic!("not identity")
         };
-        assert_eq!((i.did.as_str(), i.handle.as_deref()), ("did:plc:a", Some("h.test")));
+        assert_eq!(
+            (i.did.as_str(), i.handle.as_deref()),
+            ("did:plc:a", Some("h.test"))
+        );
         assert!(event_from_json(1, &json!({})).is_err());
         assert!(event_from_json(1, &json!({"type": "#commit", "repo": "did:plc:a"})).is_err());
         let bad_op = json!({"type": "#commit", "repo": "did:plc:a", "rev": "r", "commit": "x",

@@ -190,7 +190,10 @@ async fn hostile_records_are_stored_sanitized_and_nothing_stops(pool: sqlx::PgPo
     {
         let mut f = Frame::parse(&frames[custom.index]);
         let mut ops = f.ops();
-        ops[0].insert("path".into(), s(&format!("com.example.hostile/{}", custom.rkey)));
+        ops[0].insert(
+            "path".into(),
+            s(&format!("com.example.hostile/{}", custom.rkey)),
+        );
         f.set_ops(ops);
         let record = BTreeMap::from([
             ("$type".to_owned(), s("com.example.hostile")),
@@ -206,15 +209,22 @@ async fn hostile_records_are_stored_sanitized_and_nothing_stops(pool: sqlx::PgPo
     write_fixture(&path, &frames);
     let db = common::db_config(&pool);
     let stats = Arc::new(Stats::default());
-    replay(&db, vec![path], cfg(), CancellationToken::new(), stats.clone())
-        .await
-        .expect("a replay with hostile records ends normally");
+    replay(
+        &db,
+        vec![path],
+        cfg(),
+        CancellationToken::new(),
+        stats.clone(),
+    )
+    .await
+    .expect("a replay with hostile records ends normally");
     eprintln!("{}", stats.summary());
 
-    let cursor: i64 = sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let cursor: i64 =
+        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(cursor, 2000);
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&pool)
@@ -225,7 +235,12 @@ async fn hostile_records_are_stored_sanitized_and_nothing_stops(pool: sqlx::PgPo
     // NUL text, NUL displayName, NUL in JSON, two long references.
     assert_eq!(stats.sanitized.load(Ordering::Relaxed), 5);
 
-    let text: String = one(&pool, "SELECT text FROM posts WHERE uri = $1", &nul_post.uri).await;
+    let text: String = one(
+        &pool,
+        "SELECT text FROM posts WHERE uri = $1",
+        &nul_post.uri,
+    )
+    .await;
     assert_eq!(text, "hostiletext");
     let name: String = one(
         &pool,
@@ -269,7 +284,11 @@ async fn hostile_records_are_stored_sanitized_and_nothing_stops(pool: sqlx::PgPo
     assert_eq!(quotes, 1);
 
     // A createdAt that is no atproto datetime breaks the post lexicon: counted, not stored.
-    assert_eq!(stats.invalid_total(), 7, "the six validate:false records + 1");
+    assert_eq!(
+        stats.invalid_total(),
+        7,
+        "the six validate:false records + 1"
+    );
     let far: i64 = one(
         &pool,
         "SELECT count(*) FROM posts WHERE uri = $1",
@@ -323,10 +342,11 @@ async fn a_refused_event_is_isolated_dead_lettered_and_retried(pool: sqlx::PgPoo
     .await
     .expect("a refused event does not stop the replay");
     assert_eq!(stats.dead_letters.load(Ordering::Relaxed), 1);
-    let cursor: i64 = sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let cursor: i64 =
+        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(cursor, 2000);
 
     let pg = common::deadpool(&pool, 2).await;
@@ -356,7 +376,9 @@ async fn a_refused_event_is_isolated_dead_lettered_and_retried(pool: sqlx::PgPoo
 
     let policy = RetryPolicy::default();
     let cancel = CancellationToken::new();
-    let report = dead_letters::retry(&pg, &policy, &cancel, None).await.unwrap();
+    let report = dead_letters::retry(&pg, &policy, &cancel, None)
+        .await
+        .unwrap();
     assert_eq!((report.applied, report.failed), (0, 1));
     let rows = dead_letters::list(&pg, Some(row.id), 10).await.unwrap();
     assert_eq!(rows.len(), 1);

@@ -167,8 +167,7 @@ pub async fn assert_matches_truth_except(
     }
     stored.retain(|_, uris| !uris.is_empty());
     for (coll, expected) in &truth.live {
-        let expected: BTreeSet<String> =
-            expected.iter().filter(|u| !skipped(u)).cloned().collect();
+        let expected: BTreeSet<String> = expected.iter().filter(|u| !skipped(u)).cloned().collect();
         let expected = &expected;
         let got = stored.get(coll).cloned().unwrap_or_default();
         let missing: Vec<_> = expected.difference(&got).take(5).collect();
@@ -195,7 +194,11 @@ pub async fn assert_matches_truth_except(
             .unwrap();
     let actors: BTreeMap<String, (Option<String>, String)> =
         actors.into_iter().map(|(d, h, s)| (d, (h, s))).collect();
-    for (did, want) in truth.accounts.iter().filter(|(d, _)| !skip_dids.contains(*d)) {
+    for (did, want) in truth
+        .accounts
+        .iter()
+        .filter(|(d, _)| !skip_dids.contains(*d))
+    {
         assert_eq!(actors.get(did), Some(want), "actor {did}");
     }
     assert_aggregates_consistent(pool).await;
