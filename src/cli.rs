@@ -288,7 +288,8 @@ mod tests {
             o.action,
             dead_letters::DeadLettersAction::Retry {
                 id: Some(3),
-                all: false
+                all: false,
+                ..
             }
         ));
         for bad in [
@@ -298,17 +299,26 @@ mod tests {
             let args = std::iter::once("atproto-ingest").chain(bad.iter().copied());
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
-        let cli =
-            Cli::try_parse_from(["atproto-ingest", "dead-letters", "list", "--json"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "atproto-ingest",
+            "dead-letters",
+            "list",
+            "--json",
+            "--database-url",
+            "postgres://u:pgsecret@h/db",
+        ])
+        .unwrap();
         let Command::DeadLetters(o) = cli.command else {
             panic!("not dead-letters")
         };
+        assert!(!format!("{o:?}").contains("pgsecret"), "{o:?}");
         assert!(matches!(
             o.action,
             dead_letters::DeadLettersAction::List {
                 json: true,
                 limit: 100,
-                id: None
+                id: None,
+                ..
             }
         ));
     }

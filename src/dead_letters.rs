@@ -26,30 +26,20 @@ pub enum DeadLettersCmdError {
 }
 
 /// Options of `dead-letters`.
-#[derive(Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct DeadLettersOptions {
-    #[command(flatten)]
-    pub db: DbArgs,
     #[command(subcommand)]
     pub action: DeadLettersAction,
 }
 
-impl std::fmt::Debug for DeadLettersOptions {
-    /// The database URL with its password redacted.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLettersOptions")
-            .field("database_url", &redact_url(&self.db.database_url))
-            .field("action", &self.action)
-            .finish()
-    }
-}
-
 /// What to do with the dead letters.
-#[derive(Debug, Clone, clap::Subcommand)]
+#[derive(Clone, clap::Subcommand)]
 pub enum DeadLettersAction {
     /// Print the events set aside, oldest first: id, seq, DID, URI, collection, SQLSTATE,
     /// error, attempts, time.
     List {
+        #[command(flatten)]
+        db: DbArgs,
         /// Only this dead letter.
         #[arg(long, value_name = "N")]
         id: Option<i64>,
@@ -63,6 +53,8 @@ pub enum DeadLettersAction {
     /// Apply dead letters again through the writer (after a fix): those that succeed are
     /// removed, the others stay with their new error. Prints how many of each.
     Retry {
+        #[command(flatten)]
+        db: DbArgs,
         /// Only this dead letter.
         #[arg(
             long,
@@ -77,21 +69,56 @@ pub enum DeadLettersAction {
     },
 }
 
+impl DeadLettersAction {
+    fn db(&self) -> &DbArgs {
+        match self {
+            Self::List { db, .. } | Self::Retry { db, .. } => db,
+        }
+    }
+}
+
+impl std::fmt::Debug for DeadLettersAction {
+    /// The database URL with its password redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = redact_url(&self.db().database_url);
+        match self {
+            Self::List {
+                id, limit, json, ..
+            } => f
+                .debug_struct("List")
+                .field("database_url", &url)
+                .field("id", id)
+                .field("limit", limit)
+                .field("json", json)
+                .finish(),
+            Self::Retry { id, all, .. } => f
+                .debug_struct("Retry")
+                .field("database_url", &url)
+                .field("id", id)
+                .field("all", all)
+                .finish(),
+        }
+    }
+}
+
 /// `dead-letters` from the command line; prints on `out`.
 pub(crate) async fn dead_letters_command(
     opts: &DeadLettersOptions,
     out: &mut impl Write,
 ) -> Result<(), DeadLettersCmdError> {
-    let mut cfg = opts.db.db_config()?;
+    let db_args = opts.action.db();
+    let mut cfg = db_args.db_config()?;
     cfg.pool_size = 1;
     let pool = db::connect(&cfg).await?;
     let written = match &opts.action {
-        DeadLettersAction::List { id, limit, json } => {
+        DeadLettersAction::List {
+            id, limit, json, ..
+        } => {
             let rows = dead_letters::list(&pool, *id, *limit).await?;
             print_list(&rows, *json, out)
         }
-        DeadLettersAction::Retry { id, all: _ } => {
-            let policy = opts.db.retry_policy()?;
+        DeadLettersAction::Retry { id, .. } => {
+            let policy = db_args.retry_policy()?;
             let cancel = CancellationToken::new();
             let r = dead_letters::retry(&pool, &policy, &cancel, *id).await?;
             print_retry(r, out)

@@ -384,14 +384,43 @@ async fn a_refused_event_is_isolated_dead_lettered_and_retried(pool: sqlx::PgPoo
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].attempts, rows[0].sqlstate.as_str()), (2, "23514"));
 
+    // The command line: `list --json`, then `retry --id N` once the constraint is gone.
+    let url = db.url.clone();
+    let list = cli(&["dead-letters", "list", "--json", "--database-url", &url]);
+    let listed: serde_json::Value = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(
+        (listed["seq"].as_i64(), listed["attempts"].as_i64()),
+        (Some(victim.seq), Some(2)),
+        "{listed}"
+    );
     sqlx::query("ALTER TABLE posts DROP CONSTRAINT hostile_check")
         .execute(&pool)
         .await
         .unwrap();
-    let report = dead_letters::retry(&pg, &policy, &cancel, Some(row.id))
-        .await
-        .unwrap();
-    assert_eq!((report.applied, report.failed), (1, 0));
-    assert!(dead_letters::list(&pg, None, 10).await.unwrap().is_empty());
+    let id = row.id.to_string();
+    let retried = cli(&["dead-letters", "retry", "--id", &id, "--database-url", &url]);
+    assert!(
+        retried.contains("re-applied and removed: 1, still failing (kept with the new error): 0"),
+        "{retried}"
+    );
+    assert_eq!(
+        cli(&["dead-letters", "list", "--database-url", &url]).trim(),
+        "no dead letters"
+    );
     common::assert_matches_truth(&pool, &truth).await;
+}
+
+/// Runs the binary; its stdout (it must exit 0).
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_atproto-ingest"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
