@@ -65,6 +65,7 @@ pub mod pool_monitor;
 pub mod progress;
 pub mod record;
 pub mod replay;
+pub mod repos;
 mod retry;
 pub mod signals;
 pub mod stats;

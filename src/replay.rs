@@ -97,6 +97,8 @@ pub struct ReplayOptions {
     pub batch: crate::config::BatchArgs,
     #[command(flatten)]
     pub users: crate::pipeline::UsersArgs,
+    #[command(flatten)]
+    pub verify: crate::pipeline::VerifyArgs,
     /// No progress bar (it is also off when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -108,6 +110,9 @@ impl ReplayOptions {
         let db = self.db.db_config()?;
         let mut cfg = self.batch.pipeline_config(&self.db)?;
         cfg.users = self.users.to_config(DEFAULT_RESOLVE_IDENTITIES_REPLAY)?;
+        cfg.verify_commits = self
+            .verify
+            .enabled(crate::pipeline::DEFAULT_VERIFY_COMMITS_REPLAY);
         Ok((db, cfg))
     }
 }

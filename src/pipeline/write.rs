@@ -165,13 +165,17 @@ async fn set_aside(
         error = %text,
         "event set aside in dead_letters: PostgreSQL refused it; the rest of its batch is written"
     );
-    txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
-        dead_letters::insert(tx, &key.service, ev, sqlstate, &text).await?;
+    let desynchronized = txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
+        let changed = dead_letters::insert(tx, &key.service, ev, sqlstate, &text).await?;
         cursor::write(tx, key, cursor::NO_CURSOR).await?;
-        Ok(())
+        Ok(changed)
     })
     .await?;
     let class = sqlstate.get(..2).unwrap_or("none").to_owned();
     metrics::counter!(m::DEAD_LETTERS_TOTAL, "class" => class).increment(1);
+    if desynchronized {
+        metrics::counter!(m::REPOS_DESYNCHRONIZED_TOTAL, "reason" => dead_letters::DEAD_LETTER)
+            .increment(1);
+    }
     Ok(())
 }

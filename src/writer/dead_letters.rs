@@ -15,7 +15,9 @@ use crate::db::DbError;
 use crate::firehose::event::{Account, Commit, Identity, Unavailable};
 use crate::firehose::record::Rejection;
 use crate::firehose::{Action, Event, EventKind, OpRecord, RecordOp};
+use crate::mapping::sanitize::MAX_INDEXED_BYTES;
 use crate::mapping::{self, Fixes};
+use crate::repos;
 use crate::txn::{self, RetryPolicy, TxError};
 
 /// Longest error text kept (PostgreSQL's messages are short; this bounds the odd one).
@@ -66,16 +68,21 @@ pub struct RetryReport {
     pub failed: u64,
 }
 
-/// Sets `ev` aside inside `tx`, with the error that isolated it, and marks its repo for resync
-/// (its view is incomplete until the event is re-applied). Setting the same event aside again
-/// (a replay) updates its row.
+/// `sync_reason` of a repo desynchronized because one of its events was set aside.
+pub const DEAD_LETTER: &str = "dead_letter";
+
+/// Sets `ev` aside inside `tx`, with the error that isolated it, and marks its repo
+/// desynchronized with a resync queued (§12: what is stored of it is incomplete). Setting the
+/// same event aside again (a replay) updates its row. Returns whether the repo's state changed.
+/// A DID that is itself unstorable (U+0000, over the index limit) is not marked: there is no
+/// such repo to resync.
 pub(crate) async fn insert(
     tx: &Transaction<'_>,
     service: &str,
     ev: &Event,
     sqlstate: &str,
     error: &str,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<bool, tokio_postgres::Error> {
     let mut f = Fixes::default();
     let mut did = ev.kind.did().map(str::to_owned);
     let first = match &ev.kind {
@@ -102,15 +109,15 @@ pub(crate) async fn insert(
         &[&service, &ev.seq, &did, &uri, &collection, &sqlstate, &error, &record],
     )
     .await?;
-    if let Some(did) = &did {
-        exec(
-            tx,
-            "UPDATE actors SET needs_resync = true WHERE did = $1 AND NOT needs_resync",
-            &[did],
-        )
-        .await?;
-    }
-    Ok(())
+    let repo = ev
+        .kind
+        .did()
+        .filter(|d| !d.contains('\0') && d.len() <= MAX_INDEXED_BYTES);
+    let changed = match repo {
+        Some(did) => repos::desynchronize(&**tx, &[(did.to_owned(), DEAD_LETTER)]).await?,
+        None => 0,
+    };
+    Ok(changed > 0)
 }
 
 /// Dead letters in `id` order: all of them, or the one with `id`; at most `limit`.
@@ -270,6 +277,8 @@ pub(crate) fn event_json(ev: &Event) -> Value {
             "rev": c.rev,
             "since": c.since,
             "commit": c.commit.to_string(),
+            "prevData": c.prev_data.map(|d| d.to_string()),
+            "data": c.data.map(|d| d.to_string()),
             "time": c.time,
             "ops": c.ops.iter().map(op_json).collect::<Vec<_>>(),
         }),
@@ -326,7 +335,8 @@ pub(crate) fn event_from_json(seq: i64, v: &Value) -> Result<Event, String> {
                 rev: s("rev")?,
                 since: opt("since"),
                 commit: cid(&s("commit")?)?,
-                prev_data: None,
+                prev_data: opt("prevData").as_deref().map(cid).transpose()?,
+                data: opt("data").as_deref().map(cid).transpose()?,
                 time: s("time")?,
                 too_big: false,
                 ops,

@@ -38,7 +38,11 @@ pub struct ActorUpdate {
     pub handle: Option<String>,
     pub status: Option<String>,
     pub rev: Option<String>,
-    pub needs_resync: bool,
+    /// With `rev`: the commit's MST root (when verified, §12) and CID: the repo's new head.
+    pub data: Option<String>,
+    pub commit: Option<String>,
+    /// Why the repo needs a resync, when a commit of this batch could not be read in full.
+    pub resync: Option<&'static str>,
 }
 
 /// Counters of what planning saw; merged into the run summary.
@@ -121,8 +125,12 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>, re
                     if outcome.complete && newer {
                         st.rev = Some(c.rev.clone());
                         upd.rev = Some(c.rev.clone());
+                        upd.data = c.data.map(|d| d.to_string());
+                        upd.commit = Some(c.commit.to_string());
                     }
-                    upd.needs_resync |= outcome.damaged;
+                    if let Some(reason) = outcome.damaged {
+                        upd.resync.get_or_insert(reason);
+                    }
                 }
             }
             EventKind::Identity(i) => {
@@ -163,8 +171,8 @@ struct Outcome {
     /// damaged frame) is applied again — harmless, every write is idempotent.
     complete: bool,
     /// Some record could not be read at all (missing block, CID mismatch, `tooBig`): the repo
-    /// needs a resync from its PDS.
-    damaged: bool,
+    /// needs a resync from its PDS, for this reason.
+    damaged: Option<&'static str>,
 }
 
 /// Adds one commit's ops to the plan.
@@ -176,7 +184,7 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
     };
     let mut out = Outcome {
         complete: true,
-        damaged: false,
+        damaged: None,
     };
     for op in &c.ops {
         let table = Table::for_collection(&op.collection);
@@ -221,7 +229,7 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
                 *plan.stats.unavailable.entry(u.reason()).or_default() += 1;
                 if *u != Unavailable::BadPath {
                     out.complete = false;
-                    out.damaged = true;
+                    out.damaged.get_or_insert(u.reason());
                 }
                 continue;
             }

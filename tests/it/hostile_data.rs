@@ -363,13 +363,19 @@ async fn a_refused_event_is_isolated_dead_lettered_and_retried(pool: sqlx::PgPoo
     assert_eq!(row.attempts, 1);
     let record = row.record.as_ref().unwrap();
     assert_eq!(record["ops"][0]["collection"], "app.bsky.feed.post");
-    let resync: bool = one(
-        &pool,
-        "SELECT needs_resync FROM actors WHERE did = $1",
-        &victim.did,
+    let (resync, reason, queued): (bool, Option<String>, bool) = sqlx::query_as(
+        "SELECT needs_resync, sync_reason, EXISTS (SELECT 1 FROM resync_queue q WHERE q.did = a.did) \
+         FROM actors a WHERE did = $1",
     )
-    .await;
-    assert!(resync, "a dead-lettered event leaves its repo incomplete");
+    .bind(&victim.did)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        resync && queued,
+        "a dead-lettered event leaves its repo incomplete"
+    );
+    assert_eq!(reason.as_deref(), Some("dead_letter"));
     // Everything but the refused post is there.
     let skip = BTreeSet::from([victim.uri.clone()]);
     common::assert_matches_truth_except(&pool, &truth, &skip, &BTreeSet::new()).await;

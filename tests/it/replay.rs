@@ -136,11 +136,15 @@ async fn malformed_replay_equals_clean_prefix(pool: sqlx::PgPool) {
     let want = common::snapshot_without_times(&other.pool).await;
     let got = common::snapshot_without_times(&pool).await;
     other.drop_db().await;
-    // needs_resync marks the repos whose damaged commits we saw: the only allowed difference.
-    sqlx::query("UPDATE actors SET needs_resync = false")
-        .execute(&pool)
-        .await
-        .unwrap();
+    // The repos whose damaged commits we saw are desynchronized and queued for a resync: the
+    // only allowed difference.
+    sqlx::raw_sql(
+        "UPDATE actors SET needs_resync = false, sync_state = 'synchronized', sync_reason = NULL; \
+         DELETE FROM resync_queue",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     let got_fixed = common::snapshot_without_times(&pool).await;
     assert_ne!(
         got, want,

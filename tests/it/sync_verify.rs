@@ -9,13 +9,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use cid::Cid;
 use ipld_core::ipld::Ipld;
 
+use crate::common::fixture;
+use crate::common::reframe::{reencode, Frame};
 use atproto_ingest::firehose::event::{Commit, EventKind};
 use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
 use atproto_ingest::firehose::frame::{self, DEFAULT_MAX_FRAME_BYTES};
 use atproto_ingest::identity::DidDocument;
 use atproto_ingest::sync::mst::decode_node;
-use crate::common::fixture;
-use crate::common::reframe::{reencode, Frame};
 use atproto_ingest::sync::{
     chains, verify_commit, verify_repo_car, verify_sync, PublicKey, VerifyError,
     DEFAULT_MAX_REPO_CAR_BYTES,
