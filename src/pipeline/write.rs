@@ -165,12 +165,23 @@ async fn set_aside(
         error = %text,
         "event set aside in dead_letters: PostgreSQL refused it; the rest of its batch is written"
     );
-    let desynchronized = txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
-        let changed = dead_letters::insert(tx, &key.service, ev, sqlstate, &text).await?;
-        cursor::write(tx, key, cursor::NO_CURSOR).await?;
-        Ok(changed)
-    })
-    .await?;
+    let store = async |with_event: bool| {
+        txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
+            let changed =
+                dead_letters::insert(tx, &key.service, ev, sqlstate, &text, with_event).await?;
+            cursor::write(tx, key, cursor::NO_CURSOR).await?;
+            Ok(changed)
+        })
+        .await
+    };
+    let desynchronized = match store(true).await {
+        Ok(changed) => changed,
+        Err(e) if e.is_data_error() => {
+            tracing::warn!(seq = ev.seq, error = %dead_letters::error_text(&e), "the event's JSON was refused too; its dead letter keeps no event");
+            store(false).await?
+        }
+        Err(e) => return Err(e),
+    };
     let class = sqlstate.get(..2).unwrap_or("none").to_owned();
     metrics::counter!(m::DEAD_LETTERS_TOTAL, "class" => class).increment(1);
     if desynchronized {

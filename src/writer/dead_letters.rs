@@ -74,6 +74,8 @@ pub const DEAD_LETTER: &str = "dead_letter";
 /// Sets `ev` aside inside `tx`, with the error that isolated it, and marks its repo
 /// desynchronized with a resync queued (§12: what is stored of it is incomplete). Setting the
 /// same event aside again (a replay) updates its row. Returns whether the repo's state changed.
+/// `with_event: false` leaves `record` NULL: the fallback when even the sanitized JSON is
+/// refused (e.g. nesting deeper than PostgreSQL parses).
 /// A DID that is itself unstorable (U+0000, over the index limit) is not marked: there is no
 /// such repo to resync.
 pub(crate) async fn insert(
@@ -82,6 +84,7 @@ pub(crate) async fn insert(
     ev: &Event,
     sqlstate: &str,
     error: &str,
+    with_event: bool,
 ) -> Result<bool, tokio_postgres::Error> {
     let mut f = Fixes::default();
     let mut did = ev.kind.did().map(str::to_owned);
@@ -99,7 +102,7 @@ pub(crate) async fn insert(
     let mut error = error.to_owned();
     f.text(&mut error);
     truncate(&mut error, MAX_ERROR_BYTES);
-    let record = event_json(ev);
+    let record = with_event.then(|| event_json(ev));
     exec(
         tx,
         "INSERT INTO dead_letters AS d (service, seq, did, uri, collection, sqlstate, error, record) \
