@@ -28,10 +28,9 @@ use cid::Cid;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lru::LruCache;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{DecodedChunk, PipelineError};
+use super::{queue, DecodedChunk, PipelineError};
 use crate::firehose::{Event, EventKind};
 use crate::identity::Resolver;
 use crate::metrics as m;
@@ -186,8 +185,8 @@ impl VerifyStage {
     /// Runs until the input ends or the next stage is gone.
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<DecodedChunk>,
-        tx: mpsc::Sender<DecodedChunk>,
+        mut rx: queue::Receiver<DecodedChunk>,
+        tx: queue::Sender<DecodedChunk>,
     ) -> Result<(), PipelineError> {
         // Up to `VERIFY_DEPTH` chunks verify at once on blocking threads while the next one's
         // heads and keys load; they are finished (continuity, marks) and handed on in order.
@@ -233,7 +232,7 @@ impl VerifyStage {
             let mut set = HashSet::new();
             for ev in &chunk.events {
                 match &ev.kind {
-                    EventKind::Commit(c) if !c.too_big => set.insert(c.repo.clone()),
+                    EventKind::Commit(c) if c.readable() => set.insert(c.repo.clone()),
                     EventKind::Sync(s) => set.insert(s.did.clone()),
                     _ => false,
                 };
@@ -518,7 +517,7 @@ async fn fetch_key(resolver: &Resolver, did: &str) -> Option<PublicKey> {
 /// Verifies one event with its repo's key (pure; runs on a blocking thread).
 fn check(ev: &Event, keys: &HashMap<String, PublicKey>) -> Check {
     match &ev.kind {
-        EventKind::Commit(c) if !c.too_big => match keys.get(&c.repo) {
+        EventKind::Commit(c) if c.readable() => match keys.get(&c.repo) {
             None => Check::NoKey,
             Some(key) => match verify_commit(c, key) {
                 Ok(v) => Check::Ok { data: v.data },
@@ -556,6 +555,8 @@ mod tests {
             too_big: false,
             ops: Vec::new(),
             blocks: Vec::new(),
+            over_limit: None,
+            records_bytes: 0,
             data: None,
         }
     }

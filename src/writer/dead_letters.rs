@@ -13,6 +13,7 @@ use super::plan::Revs;
 use super::{apply_events, exec, WriteError};
 use crate::db::DbError;
 use crate::firehose::event::{Account, Commit, Identity, Unavailable};
+use crate::firehose::limits::OverLimit;
 use crate::firehose::record::Rejection;
 use crate::firehose::{Action, Event, EventKind, OpRecord, RecordOp};
 use crate::mapping::sanitize::MAX_INDEXED_BYTES;
@@ -282,6 +283,8 @@ pub(crate) fn event_json(ev: &Event) -> Value {
             "commit": c.commit.to_string(),
             "prevData": c.prev_data.map(|d| d.to_string()),
             "data": c.data.map(|d| d.to_string()),
+            "tooBig": c.too_big,
+            "overLimit": c.over_limit.map(OverLimit::reason),
             "time": c.time,
             "ops": c.ops.iter().map(op_json).collect::<Vec<_>>(),
         }),
@@ -341,7 +344,10 @@ pub(crate) fn event_from_json(seq: i64, v: &Value) -> Result<Event, String> {
                 prev_data: opt("prevData").as_deref().map(cid).transpose()?,
                 data: opt("data").as_deref().map(cid).transpose()?,
                 time: s("time")?,
-                too_big: false,
+                too_big: v["tooBig"].as_bool().unwrap_or(false),
+                over_limit: opt("overLimit").as_deref().map(over_limit).transpose()?,
+                // Only the pipeline's byte bounds read it; a retry does not go through them.
+                records_bytes: 0,
                 ops,
                 blocks: Vec::new(),
             })
@@ -409,6 +415,18 @@ fn op_from_json(v: &Value) -> Result<RecordOp, String> {
         prev: v["prev"].as_str().map(cid).transpose()?,
         record,
     })
+}
+
+fn over_limit(reason: &str) -> Result<OverLimit, String> {
+    [
+        OverLimit::TooManyOps,
+        OverLimit::BlocksTooLarge,
+        OverLimit::RecordTooLarge,
+        OverLimit::RecordsTooLarge,
+    ]
+    .into_iter()
+    .find(|o| o.reason() == reason)
+    .ok_or(format!("unknown limit {reason:?}"))
 }
 
 fn cid(s: &str) -> Result<cid::Cid, String> {
