@@ -246,9 +246,17 @@ metrics! {
     pub(crate) DB_RETRIES_TOTAL: Counter["sqlstate"] =
         "atproto_ingest_db_retries_total", "Transaction retries, by SQLSTATE or cause.";
     /// `reason`: `deadlock`, `serialization`, `statement_timeout`, `connection`, `pool`,
-    /// `tx_timeout`, `permanent`, `cancelled`.
+    /// `tx_timeout`, `data` (a data error: the batch is split, §6), `permanent`, `cancelled`.
     pub(crate) DB_TX_FAILURES_TOTAL: Counter["reason"] =
         "atproto_ingest_db_tx_failures_total", "Transactions that failed for good, by reason.";
+    /// `kind`: `nul_text`, `nul_json`, `long_reference`, `time_out_of_range` (§6).
+    pub SANITIZED_TOTAL: Counter["kind"] =
+        "atproto_ingest_sanitized_total",
+        "Values changed so PostgreSQL can store them (record stored sanitized), by kind.";
+    /// `class`: the SQLSTATE class of the error (`22`, `23`, `54`).
+    pub DEAD_LETTERS_TOTAL: Counter["class"] =
+        "atproto_ingest_dead_letters_total",
+        "Events set aside in dead_letters after a data error isolated them, by SQLSTATE class.";
     /// Query cancelled, rolled back.
     pub(crate) DB_TX_TIMEOUTS_TOTAL: Counter[] =
         "atproto_ingest_db_tx_timeouts_total",

@@ -72,6 +72,10 @@ pub struct Stats {
     pub commits_applied: AtomicU64,
     pub commits_already_applied: AtomicU64,
     pub ops_superseded: AtomicU64,
+    /// Values changed so PostgreSQL can store them (§6), all kinds.
+    pub sanitized: AtomicU64,
+    /// Events set aside in `dead_letters` (§6).
+    pub dead_letters: AtomicU64,
     /// Last seq committed with the cursor (-1 before the first batch).
     pub cursor: AtomicI64,
     /// `time` of the last event committed, µs since the Unix epoch (0 before the first one).
@@ -98,6 +102,8 @@ impl Default for Stats {
             commits_applied: AtomicU64::new(0),
             commits_already_applied: AtomicU64::new(0),
             ops_superseded: AtomicU64::new(0),
+            sanitized: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
             cursor: AtomicI64::new(-1),
             last_event_micros: AtomicI64::new(0),
             decode_micros: AtomicU64::new(0),
@@ -189,6 +195,14 @@ impl Stats {
         for (reason, n) in &applied.stats.unavailable {
             metrics::counter!(m::OPS_UNAVAILABLE_TOTAL, "reason" => *reason).increment(*n);
         }
+        for fix in crate::mapping::Fix::ALL {
+            let n = applied.stats.sanitized.get(fix);
+            if n > 0 {
+                metrics::counter!(m::SANITIZED_TOTAL, "kind" => fix.label()).increment(n);
+            }
+        }
+        self.sanitized
+            .fetch_add(applied.stats.sanitized.total(), Ordering::Relaxed);
         self.events_written
             .fetch_add(events as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
@@ -274,6 +288,12 @@ impl Stats {
             self.commits_already_applied.load(Ordering::Relaxed),
             self.ops_superseded.load(Ordering::Relaxed),
             self.non_canonical.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "values sanitized for PostgreSQL: {}, events set aside in dead_letters: {}",
+            self.sanitized.load(Ordering::Relaxed),
+            self.dead_letters.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             s,

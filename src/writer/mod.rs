@@ -3,10 +3,11 @@
 //!
 //! [`apply`] is the order of a batch's statements; each group of statements lives in its own
 //! file: [`plan`] (events → changes, pure), `actors` (stub actors, actor state), `records`
-//! (record tables), `derived` (aggregates, notifications, feed items), and the cursor in
-//! [`crate::cursor`].
+//! (record tables), `derived` (aggregates, notifications, feed items), the cursor in
+//! [`crate::cursor`], and [`dead_letters`] (events set aside after a data error, §6).
 
 mod actors;
+pub mod dead_letters;
 mod derived;
 pub mod plan;
 mod records;
@@ -21,7 +22,7 @@ use tokio_postgres::types::ToSql;
 use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use derived::Derived;
-use plan::PlanStats;
+use plan::{PlanStats, Revs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -54,6 +55,35 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// Adds what another transaction of the same batch did (a batch split by the safety net
+    /// of §6); the cursor is the later one's.
+    pub fn merge(&mut self, other: Applied) {
+        let s = &mut self.stats;
+        let o = other.stats;
+        s.commits_applied += o.commits_applied;
+        s.commits_already_applied += o.commits_already_applied;
+        s.commits_of_deleted_accounts += o.commits_of_deleted_accounts;
+        s.ops_applied += o.ops_applied;
+        s.ops_superseded += o.ops_superseded;
+        for (k, n) in o.invalid {
+            *s.invalid.entry(k).or_default() += n;
+        }
+        for (k, n) in o.unavailable {
+            *s.unavailable.entry(k).or_default() += n;
+        }
+        s.sanitized += o.sanitized;
+        for (map, from) in [
+            (&mut self.inserted, other.inserted),
+            (&mut self.deleted, other.deleted),
+            (&mut self.statement_micros, other.statement_micros),
+        ] {
+            for (k, n) in from {
+                *map.entry(k).or_default() += n;
+            }
+        }
+        self.cursor = other.cursor.or(self.cursor);
+    }
+
     fn timed(&mut self, what: &'static str, since: Instant) {
         *self.statement_micros.entry(what).or_default() += since.elapsed().as_micros() as u64;
     }
@@ -68,11 +98,31 @@ pub async fn apply(
     cursor: Option<i64>,
     key: &CursorKey,
 ) -> Result<Applied, WriteError> {
+    let mut applied = apply_events(tx, events, Revs::Skip).await?;
+    let t0 = Instant::now();
+    match cursor {
+        Some(seq) => applied.cursor = Some(cursor::write(tx, key, seq).await?),
+        // `NO_CURSOR` never moves the stored cursor (it only goes up) but takes the row lock
+        // and checks the fence like any cursor write.
+        None => {
+            cursor::write(tx, key, cursor::NO_CURSOR).await?;
+        }
+    }
+    applied.timed("cursor", t0);
+    Ok(applied)
+}
+
+/// Applies `events` (rows, derived tables, actors) without touching the cursor.
+async fn apply_events(
+    tx: &Transaction<'_>,
+    events: &[Event],
+    revs: Revs,
+) -> Result<Applied, WriteError> {
     let mut applied = Applied::default();
     let t0 = Instant::now();
     let state = actors::read_state(tx, &plan::dids_of(events)).await?;
     applied.timed("actors_read", t0);
-    let plan = plan::build(events, state);
+    let plan = plan::build(events, state, revs);
     let mut derived = Derived::default();
     for did in &plan.purges {
         records::purge(tx, did, &mut derived, &mut applied).await?;
@@ -85,16 +135,6 @@ pub async fn apply(
     records::write(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();
     derived::write(tx, &derived, &mut applied).await?;
-    let t0 = Instant::now();
-    match cursor {
-        Some(seq) => applied.cursor = Some(cursor::write(tx, key, seq).await?),
-        // `NO_CURSOR` never moves the stored cursor (it only goes up) but takes the row lock
-        // and checks the fence like any cursor write.
-        None => {
-            cursor::write(tx, key, cursor::NO_CURSOR).await?;
-        }
-    }
-    applied.timed("cursor", t0);
     applied.stats = plan.stats;
     Ok(applied)
 }

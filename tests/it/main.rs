@@ -13,6 +13,7 @@ mod decode_fixtures;
 mod decode_props;
 mod deploy;
 mod failover;
+mod hostile_data;
 mod http;
 mod identity;
 mod jobs;
