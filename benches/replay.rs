@@ -1,13 +1,21 @@
-//! Release-mode benchmark (§ issue "Replay into PostgreSQL"): replays the bench corpus into a
-//! fresh database and prints events/s, rows/s and peak RSS.
+//! Release-mode benchmark (§ issues "Replay into PostgreSQL", "Throughput"): replays the bench
+//! corpus into a fresh database and prints events/s, rows/s, peak RSS, the CPU split between
+//! this process and the PostgreSQL server, and the time per statement group.
 //!
 //! `cargo bench --bench replay` — corpus from `BENCH_FRAMES` (default
 //! `../shared/fixtures/firehose/bench.frames.zst`, decompressed once under `target/`),
 //! database from `BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`,
-//! dropped and recreated).
+//! dropped and recreated before each run). `BENCH_WRITER_LANES` (default `1,2,1,2,1,2`): the
+//! writer lanes of each run, in order — runs interleaved A B A B so that the other load of a
+//! shared machine falls on both; the medians per lane count close the output.
+//!
+//! The PostgreSQL CPU is the whole server's (postmaster, backends, WAL writer, checkpointer),
+//! read from `/proc` when the server runs on this machine; other databases' load on the same
+//! server counts too.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,39 +25,102 @@ use atproto_ingest::db::DbConfig;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
+/// One run's numbers.
+struct Run {
+    events_per_sec: f64,
+    rows_per_sec: f64,
+    rss_mb: f64,
+    ours_cpu: f64,
+    pg_cpu: f64,
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let Some(path) = common::corpus("BENCH_FRAMES", "bench.frames.zst") else {
         return;
     };
+    let lanes: Vec<usize> = std::env::var("BENCH_WRITER_LANES")
+        .unwrap_or_else(|_| "1,2,1,2,1,2".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("BENCH_WRITER_LANES: numbers"))
+        .collect();
     let url = common::database_url();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        common::drop_database(&url).await;
-        let db = DbConfig::new(url.clone());
-        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let stats = Arc::new(Stats::default());
-        let cfg = PipelineConfig::new(CursorKey {
-            service: String::new(),
-            fence: 0,
-        });
-        let started = Instant::now();
-        atproto_ingest::replay::replay(&db, vec![path.clone()], cfg, CancellationToken::new(), stats.clone())
-            .await
-            .expect("replay");
-        let secs = started.elapsed().as_secs_f64();
-        let events = stats.events_written.load(Ordering::Relaxed);
-        let rows = stats.rows_written();
-        println!("{}", stats.summary());
-        println!(
-            "bench replay: {events} events, {rows} rows in {secs:.2}s = {:.0} events/s, {:.0} rows/s, {:.1} MB/s; peak RSS {:.1} MB",
-            events as f64 / secs,
-            rows as f64 / secs,
-            size as f64 / secs / 1e6,
-            common::peak_rss_mb()
-        );
+        let postmaster = common::postmaster_pid(&url).await;
+        if postmaster.is_none() {
+            eprintln!("PostgreSQL is not on this machine (or its data directory is not readable): no PostgreSQL CPU");
+        }
+        let mut runs: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
+        for (i, &n) in lanes.iter().enumerate() {
+            let run = run_once(&url, &path, n, postmaster.as_deref()).await;
+            println!(
+                "run {}: writer lanes {n}: {:.0} events/s, {:.0} rows/s, peak RSS {:.1} MB, CPU ours {:.2}s, PostgreSQL {:.2}s",
+                i + 1,
+                run.events_per_sec,
+                run.rows_per_sec,
+                run.rss_mb,
+                run.ours_cpu,
+                run.pg_cpu
+            );
+            runs.entry(n).or_default().push(run);
+        }
+        for (n, rs) in &runs {
+            let med = |f: fn(&Run) -> f64| common::median(rs.iter().map(f).collect());
+            println!(
+                "median of {} runs, writer lanes {n}: {:.0} events/s, {:.0} rows/s, peak RSS {:.1} MB, CPU ours {:.2}s, PostgreSQL {:.2}s",
+                rs.len(),
+                med(|r| r.events_per_sec),
+                med(|r| r.rows_per_sec),
+                med(|r| r.rss_mb),
+                med(|r| r.ours_cpu),
+                med(|r| r.pg_cpu)
+            );
+        }
     });
+}
+
+async fn run_once(url: &str, path: &std::path::Path, lanes: usize, postmaster: Option<&str>) -> Run {
+    common::drop_database(url).await;
+    // Creates the database and runs the migrations outside the measured time.
+    let db = DbConfig::new(url.to_owned());
+    atproto_ingest::db::prepare(&db).await.expect("bench database");
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let stats = Arc::new(Stats::default());
+    let mut cfg = PipelineConfig::new(CursorKey {
+        service: String::new(),
+        fence: 0,
+    });
+    cfg.writer_lanes = lanes;
+    common::reset_peak_rss();
+    let pg0 = postmaster.map(common::pg_cpu_secs);
+    let ours0 = common::self_cpu_secs();
+    let started = Instant::now();
+    atproto_ingest::replay::replay(&db, vec![path.to_owned()], cfg, CancellationToken::new(), stats.clone())
+        .await
+        .expect("replay");
+    let secs = started.elapsed().as_secs_f64();
+    let ours_cpu = common::self_cpu_secs() - ours0;
+    let pg_cpu = postmaster.map_or(0.0, common::pg_cpu_secs) - pg0.unwrap_or(0.0);
+    let events = stats.events_written.load(Ordering::Relaxed);
+    let rows = stats.rows_written();
+    println!("{}", stats.summary());
+    let run = Run {
+        events_per_sec: events as f64 / secs,
+        rows_per_sec: rows as f64 / secs,
+        rss_mb: common::peak_rss_mb(),
+        ours_cpu,
+        pg_cpu,
+    };
+    println!(
+        "bench replay: {events} events, {rows} rows in {secs:.2}s = {:.0} events/s, {:.0} rows/s, {:.1} MB/s; peak RSS {:.1} MB; CPU: ours {ours_cpu:.2}s, PostgreSQL {pg_cpu:.2}s",
+        run.events_per_sec,
+        run.rows_per_sec,
+        size as f64 / secs / 1e6,
+        run.rss_mb,
+    );
+    run
 }

@@ -141,6 +141,10 @@ pub struct BatchArgs {
     /// Flush a batch once its first event is this old, in milliseconds.
     #[arg(long, env = "BATCH_MAX_AGE_MS", value_name = "MS", default_value_t = pipeline::DEFAULT_BATCH_MAX_AGE.as_millis() as u64)]
     pub batch_max_age_ms: u64,
+    /// Writer lanes: each batch is split by DID over this many concurrent transactions, each
+    /// on its own connection; the cursor is stored once all have committed (1 to 16).
+    #[arg(long, env = "WRITER_LANES", value_name = "N", default_value_t = pipeline::DEFAULT_WRITER_LANES)]
+    pub writer_lanes: usize,
     /// Frames longer than this are skipped and counted (`frames_malformed_total{reason="oversized"}`).
     #[arg(long, env = "MAX_FRAME_BYTES", value_name = "N", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
@@ -181,6 +185,13 @@ impl BatchArgs {
             self.batch_max_age_ms,
         )?;
         check(
+            (1..=pipeline::MAX_WRITER_LANES).contains(&self.writer_lanes),
+            "--writer-lanes",
+            "WRITER_LANES",
+            "must be between 1 and 16",
+            self.writer_lanes,
+        )?;
+        check(
             self.max_frame_bytes >= 1024,
             "--max-frame-bytes",
             "MAX_FRAME_BYTES",
@@ -215,6 +226,7 @@ impl BatchArgs {
         });
         cfg.batch_max_ops = self.batch_max_ops;
         cfg.batch_max_age = Duration::from_millis(self.batch_max_age_ms);
+        cfg.writer_lanes = self.writer_lanes;
         cfg.max_frame_bytes = self.max_frame_bytes;
         cfg.limits = CommitLimits {
             max_ops: self.max_commit_ops,

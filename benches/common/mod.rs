@@ -71,3 +71,86 @@ pub fn peak_rss_mb() -> f64 {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
+
+/// CPU seconds (user + system) of process `pid` from `/proc/<pid>/stat`; with `children`,
+/// also the CPU of its children that have exited and been reaped (`cutime` + `cstime`).
+fn proc_cpu_secs(pid: &str, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // rest[0] is field 3 (state): utime = field 14, stime 15, cutime 16, cstime 17.
+    let get = |field: usize| f.get(field - 3).copied().unwrap_or(0);
+    let mut ticks = get(14) + get(15);
+    if children {
+        ticks += get(16) + get(17);
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// CPU seconds this process has used so far, all threads.
+pub fn self_cpu_secs() -> f64 {
+    proc_cpu_secs("self", false)
+}
+
+/// The PostgreSQL server's pid (its postmaster), from `postmaster.pid` in its data directory;
+/// `None` when the server is not on this machine or the file is not readable.
+pub async fn postmaster_pid(url: &str) -> Option<String> {
+    let db = DbConfig::new(url.to_owned());
+    let mut admin = db.pg_config().ok()?;
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(conn);
+    let dir: String = client
+        .query_one("SHOW data_directory", &[])
+        .await
+        .ok()?
+        .try_get(0)
+        .ok()?;
+    let pid = std::fs::read_to_string(Path::new(&dir).join("postmaster.pid")).ok()?;
+    pid.lines().next().map(|l| l.trim().to_owned())
+}
+
+/// CPU seconds the whole PostgreSQL server has used so far: the postmaster, its live
+/// children (backends, WAL writer, checkpointer, …) and its exited children.
+pub fn pg_cpu_secs(postmaster: &str) -> f64 {
+    let mut total = proc_cpu_secs(postmaster, true);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1));
+        if ppid == Some(postmaster) {
+            total += proc_cpu_secs(pid, true);
+        }
+    }
+    total
+}
+
+/// The median of `xs` (0 when empty).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+/// Resets this process's peak resident set (`VmHWM`), so that runs in one process each
+/// report their own peak.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

@@ -64,6 +64,11 @@ const DECODED_QUEUE_CHUNKS: usize = 4;
 /// Batches queued ahead of the writer: one being built while one is written.
 const BATCH_QUEUE: usize = 1;
 
+/// Writer lanes by default: measured in `benches/replay.rs` (README, Performance).
+pub const DEFAULT_WRITER_LANES: usize = 2;
+/// Upper bound of `--writer-lanes` (each lane holds a connection of the pool).
+pub const MAX_WRITER_LANES: usize = 16;
+
 /// Settings of a run (plain values; the live handles are [`PipelineHandles`]).
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -84,6 +89,8 @@ pub struct PipelineConfig {
     pub verify_commits: bool,
     /// Repos whose head and key the verify stage caches.
     pub verify_cache_repos: usize,
+    /// Writer lanes (§6): each batch's DIDs split over this many concurrent transactions.
+    pub writer_lanes: usize,
 }
 
 impl PipelineConfig {
@@ -99,6 +106,7 @@ impl PipelineConfig {
             users: UsersConfig::default(),
             verify_commits: false,
             verify_cache_repos: verify::DEFAULT_VERIFY_CACHE_REPOS,
+            writer_lanes: DEFAULT_WRITER_LANES,
         }
     }
 }
@@ -258,6 +266,7 @@ pub async fn run(
             cursor: cfg.cursor.clone(),
             retry: cfg.retry.clone(),
             stats,
+            lanes: cfg.writer_lanes,
             durable: handles.durable,
             abort,
         };

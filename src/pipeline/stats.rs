@@ -172,9 +172,14 @@ impl Stats {
         if let Some(seq) = cursor {
             metrics::gauge!(m::CURSOR_SEQ).set(seq as f64);
         }
-        // The newest event time of the batch (events are in seq order; `#info` and error
-        // frames carry none). Unparseable times leave the lag as it was.
-        let last_time = batch.events.iter().rev().find_map(|e| e.kind.time());
+        // The newest event time of the batch (`#info` and error frames carry none). Unparseable times leave the lag as it was.
+        // Writer lanes sort a batch by lane, so the newest is the highest seq, not the last.
+        let last_time = batch
+            .events
+            .iter()
+            .filter_map(|e| e.kind.time().map(|t| (e.seq, t)))
+            .max_by_key(|(seq, _)| *seq)
+            .map(|(_, t)| t);
         if let Some(t) = last_time.and_then(crate::mapping::parse_time) {
             self.last_event_micros
                 .store(t.timestamp_micros(), Ordering::Relaxed);

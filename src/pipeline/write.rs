@@ -6,6 +6,16 @@
 //! ([`TxError::is_data_error`]) is split in halves, recursively, until each failing event is
 //! alone; that event goes to `dead_letters`, everything else is written, then the batch's
 //! cursor. The pipeline never stops because of what one event contains.
+//!
+//! **Writer lanes** ([`write_lanes`], `--writer-lanes N`, §6): with N > 1 a batch is split by
+//! DID into N parts (a DID always goes to the same lane, so its events keep their order), each
+//! written by [`write_isolating`] in its own transaction on its own connection, concurrently
+//! and without a cursor (each still checks the fence). Once every part has committed, one
+//! small transaction ([`writer::settle_lanes`]) stores the batch's cursor: the durable cursor
+//! is thus the minimum of what all lanes hold. A crash between the parts and the cursor
+//! replays the batch, and a part already committed is skipped by the rev check (§4). Shared
+//! aggregate rows are upserted in key order by every lane; a deadlock (40P01) is retried by
+//! [`txn::run_tx`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,6 +38,8 @@ pub(super) struct WriteStage {
     pub cursor: CursorKey,
     pub retry: RetryPolicy,
     pub stats: Arc<Stats>,
+    /// Writer lanes (§6): 1 writes each batch in one transaction with its cursor.
+    pub lanes: usize,
     /// Receives the durable cursor after every committed batch.
     pub durable: Option<watch::Sender<Option<i64>>>,
     /// Fires when the pipeline is dropped (lease lost): the transaction in flight is
@@ -47,11 +59,12 @@ impl WriteStage {
             cursor,
             retry,
             stats,
+            lanes,
             durable,
             abort,
         } = self;
         loop {
-            let batch = tokio::select! {
+            let mut batch = tokio::select! {
                 biased;
                 _ = abort.cancelled() => return Ok(()),
                 b = rx.recv() => match b {
@@ -60,14 +73,14 @@ impl WriteStage {
                 },
             };
             let started = std::time::Instant::now();
-            let write = write_isolating(
-                &pool,
-                &retry,
-                &abort,
-                &batch.events,
-                batch.cursor(),
-                &cursor,
-            );
+            let write = async {
+                if lanes > 1 {
+                    write_lanes(&pool, &retry, &abort, &mut batch, &cursor, lanes).await
+                } else {
+                    let events = &batch.events;
+                    write_isolating(&pool, &retry, &abort, events, batch.cursor(), &cursor).await
+                }
+            };
             let (applied, dead) = tokio::select! {
                 biased;
                 // Dropping the transaction before its commit rolls it back.
@@ -147,6 +160,60 @@ pub(crate) async fn write_isolating(
         dead += 1;
     }
     applied.merge(write(&[], cursor).await?);
+    Ok((applied, dead))
+}
+
+/// The lane of an event: a hash of its DID modulo `lanes` (events without a DID: lane 0).
+pub(crate) fn lane_of(ev: &Event, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    match ev.kind.did() {
+        Some(did) if lanes > 1 => {
+            // SipHash with fixed keys: the same DID maps to the same lane in every run.
+            let mut h = std::hash::DefaultHasher::new();
+            did.hash(&mut h);
+            (h.finish() % lanes as u64) as usize
+        }
+        _ => 0,
+    }
+}
+
+/// Writes `batch` through `lanes` writer lanes (see the module docs): its events are sorted
+/// by lane (stable: each DID's events stay in seq order), each lane's run is written
+/// concurrently by [`write_isolating`] without a cursor, then [`writer::settle_lanes`] stores
+/// the cursor once all have committed. If any lane fails, the others are dropped (their
+/// transaction in flight rolls back) and the cursor stays where it was.
+pub(crate) async fn write_lanes(
+    pool: &Pool,
+    policy: &RetryPolicy,
+    abort: &CancellationToken,
+    batch: &mut Batch,
+    key: &CursorKey,
+    lanes: usize,
+) -> Result<(Applied, u64), TxError<WriteError>> {
+    let cursor = batch.cursor();
+    batch.events.sort_by_key(|e| lane_of(e, lanes));
+    let parts: Vec<&[Event]> = batch
+        .events
+        .chunk_by(|a, b| lane_of(a, lanes) == lane_of(b, lanes))
+        .collect();
+    let written = futures_util::future::try_join_all(
+        parts
+            .into_iter()
+            .map(|part| write_isolating(pool, policy, abort, part, None, key)),
+    )
+    .await?;
+    let mut applied = Applied::default();
+    let mut dead = 0;
+    for (a, d) in written {
+        applied.merge(a);
+        dead += d;
+    }
+    let purged = std::mem::take(&mut applied.purged);
+    let settled = txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
+        writer::settle_lanes(tx, &purged, cursor, key).await
+    })
+    .await?;
+    applied.merge(settled);
     Ok((applied, dead))
 }
 

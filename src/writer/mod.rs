@@ -52,6 +52,10 @@ pub struct Applied {
     pub cursor: Option<i64>,
     /// Time spent per table / statement group, in µs (where the database time goes).
     pub statement_micros: BTreeMap<&'static str, u64>,
+    /// Accounts deleted by this batch (their rows purged), sorted: with writer lanes, the
+    /// notifications another lane gave them concurrently are removed once all lanes commit
+    /// ([`settle_lanes`]).
+    pub purged: Vec<String>,
 }
 
 impl Applied {
@@ -82,6 +86,9 @@ impl Applied {
             }
         }
         self.cursor = other.cursor.or(self.cursor);
+        self.purged.extend(other.purged);
+        self.purged.sort_unstable();
+        self.purged.dedup();
     }
 
     fn timed(&mut self, what: &'static str, since: Instant) {
@@ -136,6 +143,28 @@ async fn apply_events(
     derived.prune();
     derived::write(tx, &derived, &mut applied).await?;
     applied.stats = plan.stats;
+    applied.purged = plan.purges;
+    Ok(applied)
+}
+
+/// Ends a batch written by several writer lanes (each lane's part already committed, without
+/// a cursor): removes the notifications that accounts deleted in the batch (`purged`) received
+/// from another lane's concurrent transaction, which could not see the deletion yet, then
+/// stores `cursor` under `key`'s fence like [`apply`]. Idempotent.
+pub async fn settle_lanes(
+    tx: &Transaction<'_>,
+    purged: &[String],
+    cursor: Option<i64>,
+    key: &CursorKey,
+) -> Result<Applied, WriteError> {
+    let mut applied = Applied::default();
+    let t0 = Instant::now();
+    for did in purged {
+        derived::purge(tx, did, &mut applied).await?;
+    }
+    applied.timed("lanes_settle", t0);
+    let settled = apply(tx, &[], cursor, key).await?;
+    applied.merge(settled);
     Ok(applied)
 }
 

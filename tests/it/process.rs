@@ -97,6 +97,24 @@ impl Proc {
         Self::spawn(name, &args)
     }
 
+    /// `replay small.frames` with four writer lanes and batches of 5 ops: a kill lands between
+    /// the lanes' transactions of a batch, or between them and the batch's cursor.
+    fn replay_lanes(name: &'static str, pool: &sqlx::PgPool) -> Self {
+        let (db, file) = (common::db_config(pool).url, common::fixture("small.frames"));
+        let mut args = vec!["--log-format", "json", "replay", file.to_str().unwrap()];
+        args.extend([
+            "--database-url",
+            &db,
+            "--db-pool-size",
+            "6",
+            "--batch-max-ops",
+            "5",
+            "--writer-lanes",
+            "4",
+        ]);
+        Self::spawn(name, &args)
+    }
+
     fn spawn(name: &'static str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_atproto-ingest"))
             .args(args)
@@ -470,6 +488,32 @@ async fn sigterm_mid_replay_commits_then_a_second_replay_completes(pool: sqlx::P
     assert!(committed >= at_signal, "what was read is committed");
 
     Proc::replay("replay#1", &pool)
+        .wait_success(STREAM_LIMIT)
+        .await;
+    assert_eq!(
+        cursor(&pool, REPLAY_SERVICE).await.map(|c| c.0),
+        Some(LAST_SEQ)
+    );
+    common::assert_matches_truth(&pool, &common::truth("small")).await;
+}
+
+/// SIGKILL during a replay written by four interleaving writer lanes, twice, then a full
+/// replay: the cursor never goes back and the end state is the truth (a lane that committed
+/// past the durable cursor is replayed idempotently).
+#[sqlx::test(migrations = false)]
+async fn sigkill_mid_replay_with_writer_lanes_then_replay_completes(pool: sqlx::PgPool) {
+    let mut last = 0;
+    for name in ["lanes#0", "lanes#1"] {
+        let mut p = Proc::replay_lanes(name, &pool);
+        wait_cursor(&pool, REPLAY_SERVICE, last + 1, STREAM_LIMIT).await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
+        p.sigkill();
+        let (at, _) = cursor(&pool, REPLAY_SERVICE).await.unwrap();
+        eprintln!("{name}: SIGKILL at cursor {at}");
+        assert!(at >= last, "the cursor went back: {last} -> {at}");
+        last = at;
+    }
+    Proc::replay_lanes("lanes#2", &pool)
         .wait_success(STREAM_LIMIT)
         .await;
     assert_eq!(

@@ -80,6 +80,8 @@ async fn tiny_batches_give_the_same_result(pool: sqlx::PgPool) {
     let db = common::db_config(&pool);
     let mut c = cfg();
     c.batch_max_ops = 7;
+    // One lane: the batch and its cursor in one transaction (lanes: the test below).
+    c.writer_lanes = 1;
     replay(
         &db,
         vec![common::fixture("small.frames")],
@@ -90,6 +92,39 @@ async fn tiny_batches_give_the_same_result(pool: sqlx::PgPool) {
     .await
     .unwrap();
     common::assert_matches_truth(&pool, &common::truth("small")).await;
+}
+
+/// Four writer lanes and batches of 5 ops: the lanes of each batch interleave their
+/// transactions (shared aggregate rows, notifications across lanes, accounts deleted in one
+/// lane while another writes to them), and the end state is still the truth, the cursor the
+/// last seq, and a second replay changes nothing.
+#[sqlx::test(migrations = false)]
+async fn interleaved_writer_lanes_end_at_the_truth(pool: sqlx::PgPool) {
+    let db = common::db_config(&pool);
+    let lanes_cfg = || {
+        let mut c = cfg();
+        c.batch_max_ops = 5;
+        c.writer_lanes = 4;
+        c
+    };
+    let stats = replay_fixture(&db, "small.frames", lanes_cfg()).await;
+    assert!(stats.batches.load(std::sync::atomic::Ordering::Relaxed) > 100);
+    common::assert_matches_truth(&pool, &common::truth("small")).await;
+    let cursor: i64 =
+        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(cursor, 2000);
+    let before = common::snapshot(&pool).await;
+    let again = replay_fixture(&db, "small.frames", lanes_cfg()).await;
+    assert_eq!(common::snapshot(&pool).await, before);
+    assert_eq!(
+        again
+            .commits_applied
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 /// malformed.frames = small.frames seq 1..150 with 17 bad frames inserted: the bad ones are
