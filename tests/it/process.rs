@@ -97,9 +97,10 @@ impl Proc {
         Self::spawn(name, &args)
     }
 
-    /// `replay small.frames` with four writer lanes and batches of 5 ops: a kill lands between
-    /// the lanes' transactions of a batch, or between them and the batch's cursor.
-    fn replay_lanes(name: &'static str, pool: &sqlx::PgPool) -> Self {
+    /// `replay small.frames` with four writer lanes and batches of `ops` ops: with small
+    /// batches a kill lands between the lanes' transactions of a batch, or between them and
+    /// the batch's cursor.
+    fn replay_lanes(name: &'static str, pool: &sqlx::PgPool, ops: &str) -> Self {
         let (db, file) = (common::db_config(pool).url, common::fixture("small.frames"));
         let mut args = vec!["--log-format", "json", "replay", file.to_str().unwrap()];
         args.extend([
@@ -108,7 +109,7 @@ impl Proc {
             "--db-pool-size",
             "6",
             "--batch-max-ops",
-            "5",
+            ops,
             "--writer-lanes",
             "4",
         ]);
@@ -504,7 +505,7 @@ async fn sigterm_mid_replay_commits_then_a_second_replay_completes(pool: sqlx::P
 async fn sigkill_mid_replay_with_writer_lanes_then_replay_completes(pool: sqlx::PgPool) {
     let mut last = 0;
     for name in ["lanes#0", "lanes#1"] {
-        let mut p = Proc::replay_lanes(name, &pool);
+        let mut p = Proc::replay_lanes(name, &pool, "5");
         wait_cursor(&pool, REPLAY_SERVICE, last + 1, STREAM_LIMIT).await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
         p.sigkill();
@@ -513,7 +514,8 @@ async fn sigkill_mid_replay_with_writer_lanes_then_replay_completes(pool: sqlx::
         assert!(at >= last, "the cursor went back: {last} -> {at}");
         last = at;
     }
-    Proc::replay_lanes("lanes#2", &pool)
+    // The rest in larger batches (kept short); still four lanes.
+    Proc::replay_lanes("lanes#2", &pool, "100")
         .wait_success(STREAM_LIMIT)
         .await;
     assert_eq!(
