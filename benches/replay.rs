@@ -83,11 +83,18 @@ fn main() {
     });
 }
 
-async fn run_once(url: &str, path: &std::path::Path, lanes: usize, postmaster: Option<&str>) -> Run {
+async fn run_once(
+    url: &str,
+    path: &std::path::Path,
+    lanes: usize,
+    postmaster: Option<&str>,
+) -> Run {
     common::drop_database(url).await;
     // Creates the database and runs the migrations outside the measured time.
     let db = DbConfig::new(url.to_owned());
-    atproto_ingest::db::prepare(&db).await.expect("bench database");
+    atproto_ingest::db::prepare(&db)
+        .await
+        .expect("bench database");
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let stats = Arc::new(Stats::default());
     let mut cfg = PipelineConfig::new(CursorKey {
@@ -99,9 +106,15 @@ async fn run_once(url: &str, path: &std::path::Path, lanes: usize, postmaster: O
     let pg0 = postmaster.map(common::pg_cpu_secs);
     let ours0 = common::self_cpu_secs();
     let started = Instant::now();
-    atproto_ingest::replay::replay(&db, vec![path.to_owned()], cfg, CancellationToken::new(), stats.clone())
-        .await
-        .expect("replay");
+    atproto_ingest::replay::replay(
+        &db,
+        vec![path.to_owned()],
+        cfg,
+        CancellationToken::new(),
+        stats.clone(),
+    )
+    .await
+    .expect("replay");
     let secs = started.elapsed().as_secs_f64();
     let ours_cpu = common::self_cpu_secs() - ours0;
     let pg_cpu = postmaster.map_or(0.0, common::pg_cpu_secs) - pg0.unwrap_or(0.0);
