@@ -7,7 +7,8 @@
 //! database from `BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`,
 //! dropped and recreated before each run). `BENCH_WRITER_LANES` (default `1,2,1,2,1,2`): the
 //! writer lanes of each run, in order — runs interleaved A B A B so that the other load of a
-//! shared machine falls on both; the medians per lane count close the output.
+//! shared machine falls on both; the medians per lane count close the output. Each run is a
+//! fresh child process (this benchmark again), so its peak RSS and CPU are its own.
 //!
 //! The PostgreSQL CPU is the whole server's (postmaster, backends, WAL writer, checkpointer),
 //! read from `/proc` when the server runs on this machine; other databases' load on the same
@@ -25,6 +26,11 @@ use atproto_ingest::db::DbConfig;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
+/// Set in the environment of a child process: run once with this many writer lanes.
+const CHILD_LANES: &str = "BENCH_CHILD_WRITER_LANES";
+/// Prefix of the child's last line: its numbers, space-separated.
+const RESULT: &str = "BENCH-RESULT";
+
 /// One run's numbers.
 struct Run {
     events_per_sec: f64,
@@ -39,48 +45,85 @@ fn main() {
     let Some(path) = common::corpus("BENCH_FRAMES", "bench.frames.zst") else {
         return;
     };
-    let lanes: Vec<usize> = std::env::var("BENCH_WRITER_LANES")
-        .unwrap_or_else(|_| "1,2,1,2,1,2".into())
-        .split(',')
-        .map(|n| n.trim().parse().expect("BENCH_WRITER_LANES: numbers"))
-        .collect();
     let url = common::database_url();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async move {
-        let postmaster = common::postmaster_pid(&url).await;
-        if postmaster.is_none() {
-            eprintln!("PostgreSQL is not on this machine (or its data directory is not readable): no PostgreSQL CPU");
-        }
-        let mut runs: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
-        for (i, &n) in lanes.iter().enumerate() {
-            let run = run_once(&url, &path, n, postmaster.as_deref()).await;
-            println!(
-                "run {}: writer lanes {n}: {:.0} events/s, {:.0} rows/s, peak RSS {:.1} MB, CPU ours {:.2}s, PostgreSQL {:.2}s",
-                i + 1,
-                run.events_per_sec,
-                run.rows_per_sec,
-                run.rss_mb,
-                run.ours_cpu,
-                run.pg_cpu
-            );
-            runs.entry(n).or_default().push(run);
-        }
-        for (n, rs) in &runs {
-            let med = |f: fn(&Run) -> f64| common::median(rs.iter().map(f).collect());
-            println!(
-                "median of {} runs, writer lanes {n}: {:.0} events/s, {:.0} rows/s, peak RSS {:.1} MB, CPU ours {:.2}s, PostgreSQL {:.2}s",
-                rs.len(),
-                med(|r| r.events_per_sec),
-                med(|r| r.rows_per_sec),
-                med(|r| r.rss_mb),
-                med(|r| r.ours_cpu),
-                med(|r| r.pg_cpu)
-            );
-        }
-    });
+    // A child: one run, its numbers on the last line (a fresh process: its own peak RSS).
+    if let Ok(n) = std::env::var(CHILD_LANES) {
+        let lanes = n.parse().expect("lanes");
+        let run = rt.block_on(async move {
+            let postmaster = common::postmaster_pid(&url).await;
+            run_once(&url, &path, lanes, postmaster.as_deref()).await
+        });
+        println!(
+            "{RESULT} {} {} {} {} {}",
+            run.events_per_sec, run.rows_per_sec, run.rss_mb, run.ours_cpu, run.pg_cpu
+        );
+        return;
+    }
+    let lanes: Vec<usize> = std::env::var("BENCH_WRITER_LANES")
+        .unwrap_or_else(|_| "1,2,1,2,1,2".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("BENCH_WRITER_LANES: numbers"))
+        .collect();
+    if rt.block_on(common::postmaster_pid(&url)).is_none() {
+        eprintln!("PostgreSQL is not on this machine (or its data directory is not readable): no PostgreSQL CPU");
+    }
+    let exe = std::env::current_exe().expect("this benchmark's path");
+    let mut runs: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
+    for (i, &n) in lanes.iter().enumerate() {
+        let out = std::process::Command::new(&exe)
+            .env(CHILD_LANES, n.to_string())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("benchmark run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(result) = text.lines().find_map(|l| l.strip_prefix(RESULT)) else {
+            panic!("run {} (writer lanes {n}) failed: {text}", i + 1);
+        };
+        print!(
+            "{}",
+            text.lines()
+                .filter(|l| !l.starts_with(RESULT))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        );
+        let v: Vec<f64> = result
+            .split_whitespace()
+            .map(|x| x.parse().expect("number"))
+            .collect();
+        let run = Run {
+            events_per_sec: v[0],
+            rows_per_sec: v[1],
+            rss_mb: v[2],
+            ours_cpu: v[3],
+            pg_cpu: v[4],
+        };
+        println!(
+            "run {}: writer lanes {n}: {:.0} events/s, {:.0} rows/s, peak RSS {:.1} MB, CPU ours {:.2}s, PostgreSQL {:.2}s",
+            i + 1,
+            run.events_per_sec,
+            run.rows_per_sec,
+            run.rss_mb,
+            run.ours_cpu,
+            run.pg_cpu
+        );
+        runs.entry(n).or_default().push(run);
+    }
+    for (n, rs) in &runs {
+        let med = |f: fn(&Run) -> f64| common::median(rs.iter().map(f).collect());
+        println!(
+            "median of {} runs, writer lanes {n}: {:.0} events/s, {:.0} rows/s, peak RSS {:.1} MB, CPU ours {:.2}s, PostgreSQL {:.2}s",
+            rs.len(),
+            med(|r| r.events_per_sec),
+            med(|r| r.rows_per_sec),
+            med(|r| r.rss_mb),
+            med(|r| r.ours_cpu),
+            med(|r| r.pg_cpu)
+        );
+    }
 }
 
 async fn run_once(
@@ -102,7 +145,6 @@ async fn run_once(
         fence: 0,
     });
     cfg.writer_lanes = lanes;
-    common::reset_peak_rss();
     let pg0 = postmaster.map(common::pg_cpu_secs);
     let ours0 = common::self_cpu_secs();
     let started = Instant::now();

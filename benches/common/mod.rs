@@ -151,9 +151,3 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
     }
 }
-
-/// Resets this process's peak resident set (`VmHWM`), so that runs in one process each
-/// report their own peak.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
