@@ -6,7 +6,7 @@
 //! `../shared/fixtures/firehose/bench.frames.zst`, decompressed once under `target/`),
 //! database from `BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`,
 //! dropped and recreated before each run). `BENCH_WRITER_LANES` (default `1,2,1,2,1,2`): the
-//! writer lanes of each run, in order — runs interleaved A B A B so that the other load of a
+//! writer lanes of each run (`N`, or `NxOPS` for batches of OPS ops), in order — runs interleaved A B A B so that the other load of a
 //! shared machine falls on both; the medians per lane count close the output. Each run is a
 //! fresh child process (this benchmark again), so its peak RSS and CPU are its own.
 //!
@@ -52,10 +52,15 @@ fn main() {
         .expect("runtime");
     // A child: one run, its numbers on the last line (a fresh process: its own peak RSS).
     if let Ok(n) = std::env::var(CHILD_LANES) {
-        let lanes = n.parse().expect("lanes");
+        // `N` or `NxOPS`: N writer lanes, batches of OPS ops.
+        let (lanes, ops) = n.split_once('x').unwrap_or((&n, ""));
+        let lanes = lanes.parse().expect("lanes");
+        let ops = ops
+            .parse()
+            .unwrap_or(atproto_ingest::pipeline::DEFAULT_BATCH_MAX_OPS);
         let run = rt.block_on(async move {
             let postmaster = common::postmaster_pid(&url).await;
-            run_once(&url, &path, lanes, postmaster.as_deref()).await
+            run_once(&url, &path, lanes, ops, postmaster.as_deref()).await
         });
         println!(
             "{RESULT} {} {} {} {} {}",
@@ -63,19 +68,19 @@ fn main() {
         );
         return;
     }
-    let lanes: Vec<usize> = std::env::var("BENCH_WRITER_LANES")
+    let lanes: Vec<String> = std::env::var("BENCH_WRITER_LANES")
         .unwrap_or_else(|_| "1,2,1,2,1,2".into())
         .split(',')
-        .map(|n| n.trim().parse().expect("BENCH_WRITER_LANES: numbers"))
+        .map(|n| n.trim().to_owned())
         .collect();
     if rt.block_on(common::postmaster_pid(&url)).is_none() {
         eprintln!("PostgreSQL is not on this machine (or its data directory is not readable): no PostgreSQL CPU");
     }
     let exe = std::env::current_exe().expect("this benchmark's path");
-    let mut runs: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
-    for (i, &n) in lanes.iter().enumerate() {
+    let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+    for (i, n) in lanes.iter().enumerate() {
         let out = std::process::Command::new(&exe)
-            .env(CHILD_LANES, n.to_string())
+            .env(CHILD_LANES, n)
             .stderr(std::process::Stdio::inherit())
             .output()
             .expect("benchmark run");
@@ -110,7 +115,7 @@ fn main() {
             run.ours_cpu,
             run.pg_cpu
         );
-        runs.entry(n).or_default().push(run);
+        runs.entry(n.as_str()).or_default().push(run);
     }
     for (n, rs) in &runs {
         let med = |f: fn(&Run) -> f64| common::median(rs.iter().map(f).collect());
@@ -130,6 +135,7 @@ async fn run_once(
     url: &str,
     path: &std::path::Path,
     lanes: usize,
+    batch_max_ops: usize,
     postmaster: Option<&str>,
 ) -> Run {
     common::drop_database(url).await;
@@ -145,6 +151,7 @@ async fn run_once(
         fence: 0,
     });
     cfg.writer_lanes = lanes;
+    cfg.batch_max_ops = batch_max_ops;
     let pg0 = postmaster.map(common::pg_cpu_secs);
     let ours0 = common::self_cpu_secs();
     let started = Instant::now();

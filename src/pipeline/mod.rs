@@ -64,8 +64,10 @@ const DECODED_QUEUE_CHUNKS: usize = 4;
 /// Batches queued ahead of the writer: one being built while one is written.
 const BATCH_QUEUE: usize = 1;
 
-/// Writer lanes by default: measured in `benches/replay.rs` (README, Performance).
-pub const DEFAULT_WRITER_LANES: usize = 2;
+/// Writer lanes by default: one. On the 2-core benchmark machine, shared with other work, two
+/// lanes were not faster within the noise and cost ~20 % more PostgreSQL CPU (README,
+/// Performance); more lanes pay where PostgreSQL has idle cores.
+pub const DEFAULT_WRITER_LANES: usize = 1;
 /// Upper bound of `--writer-lanes` (each lane holds a connection of the pool).
 pub const MAX_WRITER_LANES: usize = 16;
 

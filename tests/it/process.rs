@@ -75,6 +75,9 @@ impl Proc {
             "200",
             "--batch-max-age-ms",
             "50",
+            // Two writer lanes: SIGKILL, takeover and a paused leader's fencing hold for lanes.
+            "--writer-lanes",
+            "2",
             // A paused leader's open transaction is ended after this (its locks freed).
             "--tx-timeout-ms",
             "2000",
