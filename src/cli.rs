@@ -13,6 +13,7 @@ use crate::app::{self, AppError, RunOptions};
 use crate::inspect::{self, End, InspectError, InspectOptions};
 use crate::record::{self, RecordError, RecordOptions};
 use crate::replay::{self, MigrateOptions, ReplayError, ReplayOptions};
+use crate::resync::command::{self, BackfillCommandError, BackfillOptions};
 use crate::status::{self, StatusError, StatusOptions};
 
 /// AT Protocol firehose indexer: subscribeRepos → PostgreSQL for an App View.
@@ -61,6 +62,10 @@ pub enum Command {
     /// PostgreSQL, a standby waits to take over. Serves /metrics, /healthz, /readyz.
     /// SIGTERM/SIGINT: drain, commit, release the lease, exit 0 (a second signal exits at once).
     Run(Box<RunOptions>),
+    /// Enumerate a relay's repos (com.atproto.sync.listRepos) and resync every one not yet
+    /// synchronized from its PDS (getRepo, verified); resumes where a killed backfill stopped.
+    /// Exits 0 once every listed repo is synchronized, inactive or given up (listed at the end).
+    Backfill(Box<BackfillOptions>),
     /// Print the durable cursors and the leader lease (holder, fence, progress, lag), then exit.
     Status(StatusOptions),
 }
@@ -76,6 +81,8 @@ pub enum CommandError {
     Replay(#[from] ReplayError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Backfill(#[from] BackfillCommandError),
     #[error(transparent)]
     Status(#[from] StatusError),
     #[error("inspect {path}: {source}")]
@@ -99,6 +106,7 @@ impl Command {
             Command::Migrate(opts) => block_on(replay::migrate_command(&opts)),
             Command::Record(opts) => block_on(record::record_command(&opts)).map(drop),
             Command::Run(opts) => block_on(app::run_command(&opts)),
+            Command::Backfill(opts) => block_on(command::backfill_command(&opts)),
             Command::Status(opts) => {
                 block_on(status::status_command(&opts, &mut io::stdout().lock()))
             }

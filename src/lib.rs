@@ -64,6 +64,7 @@ pub mod progress;
 pub mod record;
 pub mod replay;
 pub mod repos;
+pub mod resync;
 mod retry;
 pub mod signals;
 pub mod stats;

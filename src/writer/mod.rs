@@ -10,6 +10,7 @@ mod actors;
 mod derived;
 pub mod plan;
 mod records;
+mod repo;
 mod rows;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use derived::Derived;
 use plan::PlanStats;
+pub use repo::{apply_repo, RepoDiff};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -68,6 +70,23 @@ pub async fn apply(
     cursor: Option<i64>,
     key: &CursorKey,
 ) -> Result<Applied, WriteError> {
+    let mut applied = apply_events(tx, events).await?;
+    let t0 = Instant::now();
+    match cursor {
+        Some(seq) => applied.cursor = Some(cursor::write(tx, key, seq).await?),
+        // `NO_CURSOR` never moves the stored cursor (it only goes up) but takes the row lock
+        // and checks the fence like any cursor write.
+        None => {
+            cursor::write(tx, key, cursor::NO_CURSOR).await?;
+        }
+    }
+    applied.timed("cursor", t0);
+    Ok(applied)
+}
+
+/// [`apply`] without the cursor and its fence: for writers that hold no lease and follow no
+/// stream (backfill's account statuses from `listRepos`).
+pub async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<Applied, WriteError> {
     let mut applied = Applied::default();
     let t0 = Instant::now();
     let state = actors::read_state(tx, &plan::dids_of(events)).await?;
@@ -85,16 +104,6 @@ pub async fn apply(
     records::write(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();
     derived::write(tx, &derived, &mut applied).await?;
-    let t0 = Instant::now();
-    match cursor {
-        Some(seq) => applied.cursor = Some(cursor::write(tx, key, seq).await?),
-        // `NO_CURSOR` never moves the stored cursor (it only goes up) but takes the row lock
-        // and checks the fence like any cursor write.
-        None => {
-            cursor::write(tx, key, cursor::NO_CURSOR).await?;
-        }
-    }
-    applied.timed("cursor", t0);
     applied.stats = plan.stats;
     Ok(applied)
 }
