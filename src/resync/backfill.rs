@@ -50,6 +50,8 @@ pub enum BackfillError {
     Query(#[from] tokio_postgres::Error),
     #[error("identity setup: {0}")]
     Identity(#[from] crate::identity::IdentityError),
+    #[error("backfill listing task: {0}")]
+    Task(String),
     #[error("backfill interrupted; run it again to resume")]
     Interrupted,
 }
@@ -137,15 +139,27 @@ pub async fn backfill(
         None,
         None,
     )?);
-    let workers_cancel = cancel.child_token();
+    // Dropping this future (an aborted task) stops the listing and the workers at once.
+    let inner = cancel.child_token();
+    let _stop = inner.clone().drop_guard();
     let workers = tokio::spawn(run_workers(
         resyncer.clone(),
         CancellationToken::new(),
-        workers_cancel.clone(),
+        inner.clone(),
     ));
-    let _stop_workers = workers_cancel.clone().drop_guard();
-    let result = drive(&pool, &cfg, &resyncer, &progress, &cancel).await;
-    workers_cancel.cancel();
+    // The listing runs on a blocking thread driving its own future, as the batch writer does:
+    // rustc cannot prove the retrying transaction's async closure `Send` for `spawn`
+    // (higher-ranked lifetime bug), and `run --backfill` spawns this as a task.
+    let rt = tokio::runtime::Handle::current();
+    let token = inner.clone();
+    let listing = tokio::task::spawn_blocking(move || {
+        rt.block_on(async move { drive(&pool, &cfg, &resyncer, &progress, &token).await })
+    });
+    let result = match listing.await {
+        Ok(r) => r,
+        Err(e) => Err(BackfillError::Task(e.to_string())),
+    };
+    inner.cancel();
     let _ = workers.await;
     result
 }
