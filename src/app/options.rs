@@ -83,6 +83,23 @@ pub struct RunOptions {
     /// only, with identity resolution on).
     #[arg(long, env = "RERESOLVE_INTERVAL_MS", value_name = "MS", default_value_t = ms(jobs::DEFAULT_RERESOLVE_INTERVAL))]
     pub reresolve_interval_ms: u64,
+    /// Resync repos found out of sync (damaged commits, broken chains, backfill) from their
+    /// PDS while leading (`--resync=false`: they stay queued for another instance or later).
+    #[arg(
+        long,
+        env = "RESYNC",
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub resync: bool,
+    #[command(flatten)]
+    pub resync_args: crate::resync::ResyncArgs,
+    /// While leading, also backfill the relay's repos (`listRepos`, resumed where it stopped)
+    /// through the resync workers, as the `backfill` command does; live ingestion continues.
+    #[arg(long, env = "BACKFILL")]
+    pub backfill: bool,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -225,6 +242,18 @@ impl RunOptions {
             batch_size: self.cleanup_batch,
         };
         cfg.reresolve_interval = reresolve_interval;
+        check(
+            self.resync || !self.backfill,
+            "--backfill",
+            "BACKFILL",
+            "needs the resync workers (--resync)",
+            self.backfill,
+        )?;
+        cfg.resync = match self.resync {
+            true => Some(self.resync_args.to_config(&cfg.pipeline.retry)?),
+            false => None,
+        };
+        cfg.backfill = self.backfill;
         Ok(cfg)
     }
 }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{run_workers, ResyncConfig, Resyncer};
+use super::{run_workers, ResyncConfig, ResyncStats, Resyncer};
 use crate::firehose::event::Account;
 use crate::firehose::{Event, EventKind};
 use crate::identity::IdentityConfig;
@@ -125,7 +125,8 @@ pub fn http_base(relay_url: &str) -> String {
 
 /// Runs a backfill of `cfg.relay_url` until it is over (`Ok`), `cancel` fires
 /// ([`BackfillError::Interrupted`]) or the listing fails for good. Resync workers run meanwhile
-/// (`cfg.resync.concurrency` of them); `progress` is kept current.
+/// (`cfg.resync.concurrency` of them); `progress` is kept current. A finished earlier run of
+/// the same relay starts over (new repos, new revs).
 pub async fn backfill(
     pool: Pool,
     cfg: BackfillConfig,
@@ -147,27 +148,47 @@ pub async fn backfill(
         CancellationToken::new(),
         inner.clone(),
     ));
-    // The listing runs on a blocking thread driving its own future, as the batch writer does:
-    // rustc cannot prove the retrying transaction's async closure `Send` for `spawn`
-    // (higher-ranked lifetime bug), and `run --backfill` spawns this as a task.
-    let rt = tokio::runtime::Handle::current();
-    let token = inner.clone();
-    let listing = tokio::task::spawn_blocking(move || {
-        rt.block_on(async move { drive(&pool, &cfg, &resyncer, &progress, &token).await })
-    });
-    let result = match listing.await {
-        Ok(r) => r,
-        Err(e) => Err(BackfillError::Task(e.to_string())),
-    };
+    let stats = resyncer.stats().clone();
+    let result = list(pool, cfg, true, progress, stats, inner.clone()).await;
     inner.cancel();
     let _ = workers.await;
     result
 }
 
+/// The listing half of a backfill, for callers that run resync workers of their own (`run
+/// --backfill`): lists the relay's repos, queues them, and returns once every listed repo is
+/// done. `restart_finished`: whether a run of this relay that already finished starts over
+/// (`false`: it is reported as it ended, nothing is listed).
+pub async fn list(
+    pool: Pool,
+    cfg: BackfillConfig,
+    restart_finished: bool,
+    progress: Arc<Progress>,
+    stats: Arc<ResyncStats>,
+    cancel: CancellationToken,
+) -> Result<Report, BackfillError> {
+    // On a blocking thread driving its own future, as the batch writer does: rustc cannot
+    // prove the retrying transaction's async closure `Send` for `spawn` (higher-ranked lifetime
+    // bug), and `run --backfill` spawns this as a task. Dropping this future cancels it.
+    let token = cancel.child_token();
+    let _stop = token.clone().drop_guard();
+    let rt = tokio::runtime::Handle::current();
+    let listing = tokio::task::spawn_blocking(move || {
+        rt.block_on(
+            async move { drive(&pool, &cfg, restart_finished, &stats, &progress, &token).await },
+        )
+    });
+    match listing.await {
+        Ok(r) => r,
+        Err(e) => Err(BackfillError::Task(e.to_string())),
+    }
+}
+
 async fn drive(
     pool: &Pool,
     cfg: &BackfillConfig,
-    resyncer: &Resyncer,
+    restart_finished: bool,
+    stats: &ResyncStats,
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<Report, BackfillError> {
@@ -180,7 +201,7 @@ async fn drive(
             url: relay.clone(),
             reason: e.to_string(),
         })?;
-    let (mut cursor, mut listed_all) = start(pool, &relay).await?;
+    let (mut cursor, mut listed_all) = start(pool, &relay, restart_finished).await?;
     info!(relay = %relay, resume = ?cursor, listed_all, "backfill: enumerating repos");
     loop {
         if cancel.is_cancelled() {
@@ -205,7 +226,7 @@ async fn drive(
             listed_all = next.is_none();
             cursor = next;
         }
-        let status = check(pool, &relay, progress, resyncer).await?;
+        let status = check(pool, &relay, progress, stats).await?;
         if listed_all && status.pending == 0 {
             return finish(pool, &relay, status).await;
         }
@@ -216,7 +237,11 @@ async fn drive(
 }
 
 /// The stored run of `relay`: its resume cursor, or a new run (a finished one starts over).
-async fn start(pool: &Pool, relay: &str) -> Result<(Option<String>, bool), BackfillError> {
+async fn start(
+    pool: &Pool,
+    relay: &str,
+    restart_finished: bool,
+) -> Result<(Option<String>, bool), BackfillError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
@@ -225,7 +250,9 @@ async fn start(pool: &Pool, relay: &str) -> Result<(Option<String>, bool), Backf
         )
         .await?;
     match row {
-        Some(r) if !r.try_get::<_, bool>(2)? => Ok((r.try_get(0)?, r.try_get(1)?)),
+        Some(r) if !restart_finished || !r.try_get::<_, bool>(2)? => {
+            Ok((r.try_get(0)?, r.try_get(1)?))
+        }
         _ => {
             client
                 .execute("DELETE FROM backfill_runs WHERE relay = $1", &[&relay])
@@ -393,7 +420,7 @@ async fn check(
     pool: &Pool,
     relay: &str,
     progress: &Progress,
-    resyncer: &Resyncer,
+    stats: &ResyncStats,
 ) -> Result<Status, BackfillError> {
     let client = pool.get().await?;
     let row = client
@@ -424,7 +451,7 @@ async fn check(
     progress.failed.store(failed, Ordering::Relaxed);
     progress.inactive.store(inactive, Ordering::Relaxed);
     progress.records.store(
-        resyncer.stats().records_written.load(Ordering::Relaxed),
+        stats.records_written.load(Ordering::Relaxed),
         Ordering::Relaxed,
     );
     metrics::gauge!(m::BACKFILL_REPOS_LISTED).set(listed as f64);
