@@ -250,6 +250,27 @@ metrics! {
     pub(crate) JOB_SECONDS: Histogram(Seconds)["job"] =
         "atproto_ingest_job_seconds", "Background job run duration, by job.";
 
+    // --- Commit verification (§12) ---
+    pub(crate) COMMITS_VERIFIED_TOTAL: Counter[] =
+        "atproto_ingest_commits_verified_total",
+        "Commits and #sync events whose signature and MST proof verified.";
+    /// `reason`: a verification failure (`bad_signature`, `op_not_proven`, …) or
+    /// `key_unavailable`.
+    pub(crate) COMMITS_REJECTED_TOTAL: Counter["reason"] =
+        "atproto_ingest_commits_rejected_total",
+        "Commits and #sync events rejected (nothing written), by reason.";
+    /// `reason`: `chain_broken`, `sync_differs`, `key_unavailable`, `too_big`, decode limits, …
+    pub(crate) REPOS_DESYNCHRONIZED_TOTAL: Counter["reason"] =
+        "atproto_ingest_repos_desynchronized_total",
+        "Repos marked desynchronized (a resync queued), by reason.";
+    pub(crate) EVENTS_OF_DESYNCHRONIZED_REPOS_TOTAL: Counter[] =
+        "atproto_ingest_events_of_desynchronized_repos_total",
+        "Live commits not applied because their repo awaits a resync (the resync covers them).";
+    pub(crate) VERIFY_CACHE_REPOS: Gauge[] =
+        "atproto_ingest_verify_cache_repos", "Repos whose head and key the verifier holds.";
+    pub(crate) VERIFY_CACHE_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_verify_cache_bytes", "Estimated bytes of the verifier's repo cache.";
+
     // --- Leader election and fencing (§7) ---
     pub(crate) LEADER: Gauge[] = "atproto_ingest_leader", "1 while this instance is the leader.";
     pub(crate) LEADER_ACQUISITIONS_TOTAL: Counter[] =

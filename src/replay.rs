@@ -149,6 +149,8 @@ pub struct ReplayOptions {
     pub batch: crate::config::BatchArgs,
     #[command(flatten)]
     pub users: crate::pipeline::UsersArgs,
+    #[command(flatten)]
+    pub verify: crate::pipeline::VerifyArgs,
     /// Resync repos the replay finds out of sync (damaged commits, broken chains) from their
     /// PDS while it runs (identity from `--plc-url`); the replay ends once those resyncs have.
     #[arg(
@@ -173,6 +175,9 @@ impl ReplayOptions {
         let db = self.db.db_config()?;
         let mut cfg = self.batch.pipeline_config(&self.db)?;
         cfg.users = self.users.to_config(DEFAULT_RESOLVE_IDENTITIES_REPLAY)?;
+        cfg.verify_commits = self
+            .verify
+            .enabled(crate::pipeline::DEFAULT_VERIFY_COMMITS_REPLAY);
         Ok((db, cfg))
     }
 }

@@ -11,6 +11,7 @@ use crate::config::{check, ConfigError, DbArgs};
 use crate::cursor::{self, CursorError, CursorRow};
 use crate::db::{self, redact_url, DbError};
 use crate::leader::{self, Elector, LeaderConfig, LeaderError, LeaseInfo};
+use crate::repos;
 
 /// Why `status` could not answer (only the database is required).
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,8 @@ pub enum StatusError {
     Db(#[from] DbError),
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    #[error("reading repo sync states: {0}")]
+    Repos(String),
 }
 
 /// Options of `status`.
@@ -55,9 +58,18 @@ impl std::fmt::Debug for StatusOptions {
 #[derive(Debug)]
 pub struct Status {
     pub cursors: Vec<CursorRow>,
+    /// Repos per sync state (§12) and the resync queue's length.
+    pub repos: RepoCounts,
     /// The lease as Redis sees it, or why Redis could not be asked.
     pub leader: Result<LeaseInfo, LeaderError>,
     pub now: DateTime<Utc>,
+}
+
+/// Repos per sync state and repos waiting in the resync queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoCounts {
+    pub by_state: Vec<(&'static str, i64)>,
+    pub queued: i64,
 }
 
 /// Reads the cursors and the lease. Fails only when the database cannot be read.
@@ -75,6 +87,16 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, StatusError> {
     small.pool_size = 1;
     let pool = db::connect(&small).await?;
     let cursors = cursor::cursors(&pool).await?;
+    let repos = {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| StatusError::Repos(e.to_string()))?;
+        let (by_state, queued) = repos::counts(&**client)
+            .await
+            .map_err(|e| StatusError::Repos(e.to_string()))?;
+        RepoCounts { by_state, queued }
+    };
     let leader = match Elector::connect(LeaderConfig {
         redis_url: opts.redis_url.clone(),
         key_prefix: opts.leader_key_prefix.clone(),
@@ -87,6 +109,7 @@ pub async fn collect(opts: &StatusOptions) -> Result<Status, StatusError> {
     };
     Ok(Status {
         cursors,
+        repos,
         leader,
         now: Utc::now(),
     })
@@ -142,7 +165,18 @@ pub fn to_json(s: &Status) -> serde_json::Value {
         }),
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
-    serde_json::json!({ "cursors": cursors, "leader": leader, "now": s.now.to_rfc3339() })
+    let by_state: serde_json::Map<String, serde_json::Value> = s
+        .repos
+        .by_state
+        .iter()
+        .map(|(k, n)| ((*k).to_owned(), (*n).into()))
+        .collect();
+    serde_json::json!({
+        "cursors": cursors,
+        "repos": { "by_sync_state": by_state, "resync_queued": s.repos.queued },
+        "leader": leader,
+        "now": s.now.to_rfc3339(),
+    })
 }
 
 fn write_text(s: &Status, prefix: &str, out: &mut impl Write) -> std::io::Result<()> {
@@ -161,6 +195,18 @@ fn write_text(s: &Status, prefix: &str, out: &mut impl Write) -> std::io::Result
             age_secs(s, c.updated_at)
         )?;
     }
+    let states: Vec<String> = s
+        .repos
+        .by_state
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    writeln!(
+        out,
+        "repos: {} resync_queued={}",
+        states.join(" "),
+        s.repos.queued
+    )?;
     writeln!(out, "leader (Redis keys {prefix}*):")?;
     match &s.leader {
         Err(e) => writeln!(out, "  unknown: {e}")?,
@@ -214,6 +260,10 @@ mod tests {
                 fence: 3,
                 updated_at: now - chrono::Duration::seconds(5),
             }],
+            repos: RepoCounts {
+                by_state: vec![("synchronized", 7), ("desynchronized", 2), ("resyncing", 1)],
+                queued: 3,
+            },
             leader: Ok(LeaseInfo {
                 holder: Some("h:1:ab".into()),
                 ttl_ms: Some(900),
@@ -237,8 +287,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lag_events=8"), "{text}");
+        assert!(
+            text.contains("repos: synchronized=7 desynchronized=2 resyncing=1 resync_queued=3"),
+            "{text}"
+        );
         let j = to_json(&s);
         assert_eq!(j["cursors"][0]["seq"], 42);
         assert_eq!(j["leader"]["progress"]["lag_events"], 8);
+        assert_eq!(j["repos"]["by_sync_state"]["desynchronized"], 2);
+        assert_eq!(j["repos"]["resync_queued"], 3);
     }
 }

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub batch: BatchArgs,
     #[command(flatten)]
     pub users: UsersArgs,
+    #[command(flatten)]
+    pub verify: crate::pipeline::VerifyArgs,
     /// Relay to read `com.atproto.sync.subscribeRepos` from (`wss://`, `ws://`; `https://` and
     /// `http://` are mapped).
     #[arg(long, env = "RELAY_URL", value_name = "URL", default_value = client::DEFAULT_RELAY_URL, hide_env_values = true)]
@@ -136,6 +138,9 @@ impl RunOptions {
         pipeline.users = self
             .users
             .to_config(users::DEFAULT_RESOLVE_IDENTITIES_RUN)?;
+        pipeline.verify_commits = self
+            .verify
+            .enabled(crate::pipeline::DEFAULT_VERIFY_COMMITS_RUN);
         check(
             client::subscribe_url(&self.relay_url, None).is_ok()
                 && relay_service(&self.relay_url).is_ok(),

@@ -106,6 +106,9 @@ pub struct Commit {
     /// The CAR slice as received (signed commit, MST nodes, records), for Sync 1.1
     /// verification ([`crate::sync::verify_commit`]); empty for `tooBig` commits.
     pub blocks: Vec<u8>,
+    /// MST root (`data`) of the signed commit, set by the verify stage once the commit is
+    /// verified (§12); `None` when verification is off. Stored as the repo's head.
+    pub data: Option<Cid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

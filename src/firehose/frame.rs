@@ -323,6 +323,7 @@ fn decode_commit(b: CommitBody<'_>) -> Result<Event, FrameError> {
             too_big: b.too_big,
             ops,
             blocks: b.blocks.to_vec(),
+            data: None,
         }),
     })
 }

@@ -23,6 +23,7 @@ mod decode;
 mod source;
 pub mod stats;
 pub mod users;
+mod verify;
 mod write;
 
 use std::path::PathBuf;
@@ -37,7 +38,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::cursor::CursorKey;
 use crate::firehose::fixture::{self, RawFrame};
-use crate::identity::UserCreator;
+use crate::identity::{Resolver, UserCreator};
 use crate::txn::{RetryPolicy, TxError};
 use crate::writer::WriteError;
 use batcher::Batch;
@@ -45,6 +46,10 @@ pub use batcher::{DEFAULT_BATCH_MAX_AGE, DEFAULT_BATCH_MAX_OPS};
 pub use decode::DecodedChunk;
 pub use stats::Stats;
 pub use users::{UsersArgs, UsersConfig};
+pub use verify::{
+    VerifyArgs, VerifyStats, DEFAULT_VERIFY_CACHE_REPOS, DEFAULT_VERIFY_COMMITS_REPLAY,
+    DEFAULT_VERIFY_COMMITS_RUN,
+};
 
 /// Raw chunks queued ahead of the decoder (4 × 256 frames × ≤ 5 MiB worst case, ~3 KB typical).
 const RAW_QUEUE_CHUNKS: usize = 4;
@@ -64,6 +69,11 @@ pub struct PipelineConfig {
     pub retry: RetryPolicy,
     /// Users stage: pending-op maps and identity resolution (off by default).
     pub users: UsersConfig,
+    /// Verify every `#commit` and `#sync` before writing it (§12); keys are resolved with
+    /// `users.identity`'s PLC and network settings.
+    pub verify_commits: bool,
+    /// Repos whose head and key the verify stage caches.
+    pub verify_cache_repos: usize,
 }
 
 impl PipelineConfig {
@@ -75,6 +85,8 @@ impl PipelineConfig {
             cursor,
             retry: RetryPolicy::default(),
             users: UsersConfig::default(),
+            verify_commits: false,
+            verify_cache_repos: verify::DEFAULT_VERIFY_CACHE_REPOS,
         }
     }
 }
@@ -109,6 +121,12 @@ pub enum PipelineError {
     Write(#[from] TxError<WriteError>),
     #[error("users stage: {0}")]
     Users(#[from] users::UsersError),
+    #[error("verify stage: no database connection: {0}")]
+    VerifyPool(deadpool_postgres::PoolError),
+    #[error("verify stage: {0}")]
+    VerifyDb(tokio_postgres::Error),
+    #[error("verify stage: the identity resolver could not be built: {0}")]
+    VerifyResolver(#[from] crate::identity::IdentityError),
     #[error("pipeline task {task} failed: {source}")]
     Task {
         task: &'static str,
@@ -160,6 +178,7 @@ pub async fn run(
         stats.clone(),
         logged,
     )));
+    let shared_resolver = creator.as_ref().and_then(|c| c.resolver()).cloned();
     let (users_rx, users) = users::spawn(
         dec_rx,
         DECODED_QUEUE_CHUNKS,
@@ -170,8 +189,25 @@ pub async fn run(
         stats.clone(),
     )?;
     let users = AbortOnDropHandle::new(users);
+    let (verified_rx, verifier) = if cfg.verify_commits {
+        let resolver = match shared_resolver {
+            Some(shared) => shared,
+            None => Arc::new(Resolver::new(cfg.users.identity.clone())?),
+        };
+        let (tx, rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
+        let stage = verify::VerifyStage::new(
+            pool.clone(),
+            resolver,
+            cfg.verify_cache_repos,
+            stats.verify.clone(),
+        );
+        let task = AbortOnDropHandle::new(tokio::spawn(stage.run(users_rx, tx)));
+        (rx, Some(task))
+    } else {
+        (users_rx, None)
+    };
     let batcher = AbortOnDropHandle::new(tokio::spawn(batcher::run(
-        users_rx,
+        verified_rx,
         batch_tx,
         cfg.batch_max_ops,
         cfg.batch_max_age,
@@ -209,8 +245,13 @@ pub async fn run(
     let source_result = source.await.map_err(joined("source"))?;
     let decode_result = decoder.await.map_err(joined("decoder"))?;
     users.await.map_err(joined("users stage"))?;
+    let verify_result = match verifier {
+        Some(task) => task.await.map_err(joined("verify stage"))?,
+        None => Ok(()),
+    };
     batcher.await.map_err(joined("batcher"))?;
     write_result?;
+    verify_result?;
     source_result?;
     decode_result
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::batcher::Batch;
@@ -55,6 +55,8 @@ pub struct Stats {
     pub write_micros: AtomicU64,
     /// Counters of the users stage (pending-op maps, user creation).
     pub users: super::users::UsersStats,
+    /// Counters of the verify stage (§12).
+    pub verify: Arc<super::verify::VerifyStats>,
     tables: Mutex<Tables>,
 }
 
@@ -74,6 +76,7 @@ impl Default for Stats {
             decode_micros: AtomicU64::new(0),
             write_micros: AtomicU64::new(0),
             users: Default::default(),
+            verify: Default::default(),
             tables: Mutex::new(Tables::default()),
         }
     }
@@ -233,6 +236,23 @@ impl Stats {
             self.decode_micros.load(Ordering::Relaxed) as f64 / 1e6,
             self.write_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
+        let v = &self.verify;
+        let verified = v.verified.load(Ordering::Relaxed);
+        let rejected = v.rejected.load(Ordering::Relaxed);
+        let desynchronized = v.desynchronized.load(Ordering::Relaxed);
+        if verified + rejected + desynchronized > 0 {
+            let by: Vec<String> = v
+                .rejected_by_reason()
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "commits verified: {verified}, rejected: {rejected} ({}), repos desynchronized: {desynchronized}, commits left to resyncs: {}",
+                if by.is_empty() { "none".to_owned() } else { by.join(", ") },
+                v.not_applied.load(Ordering::Relaxed)
+            );
+        }
         let line = |s: &mut String, title: &str, items: Vec<String>| {
             let body = if items.is_empty() {
                 "none".to_owned()

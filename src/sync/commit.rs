@@ -270,6 +270,7 @@ mod tests {
             too_big: false,
             ops,
             blocks: Vec::new(),
+            data: None,
         }
     }
 

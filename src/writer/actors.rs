@@ -51,16 +51,22 @@ pub(super) async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), tokio
     let handle: Vec<Option<&str>> = plan.actors.values().map(|a| a.handle.as_deref()).collect();
     let status: Vec<Option<&str>> = plan.actors.values().map(|a| a.status.as_deref()).collect();
     let rev: Vec<Option<&str>> = plan.actors.values().map(|a| a.rev.as_deref()).collect();
-    // Only rows whose values really change are touched: a replay rewrites nothing.
+    let data: Vec<Option<&str>> = plan.actors.values().map(|a| a.data.as_deref()).collect();
+    let commit: Vec<Option<&str>> = plan.actors.values().map(|a| a.commit.as_deref()).collect();
+    // Only rows whose values really change are touched: a replay rewrites nothing. A new rev
+    // brings its head (§12): the MST root is NULL when the commit was not verified.
     exec(
         tx,
         "UPDATE actors a SET handle = COALESCE(u.handle, a.handle), status = COALESCE(u.status, a.status), \
-         rev = COALESCE(u.rev, a.rev) \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(did, handle, status, rev) \
+         rev = COALESCE(u.rev, a.rev), \
+         repo_data = CASE WHEN u.rev IS NULL THEN a.repo_data ELSE u.data END, \
+         repo_commit = CASE WHEN u.rev IS NULL THEN a.repo_commit ELSE u.commit END \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+         AS u(did, handle, status, rev, data, commit) \
          WHERE a.did = u.did AND (a.handle IS DISTINCT FROM COALESCE(u.handle, a.handle) \
          OR a.status IS DISTINCT FROM COALESCE(u.status, a.status) \
          OR a.rev IS DISTINCT FROM COALESCE(u.rev, a.rev))",
-        &[&dids, &handle, &status, &rev],
+        &[&dids, &handle, &status, &rev, &data, &commit],
     )
     .await?;
     // §3: a commit we could not read in full queues its repo for a resync.

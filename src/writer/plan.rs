@@ -38,6 +38,9 @@ pub struct ActorUpdate {
     pub handle: Option<String>,
     pub status: Option<String>,
     pub rev: Option<String>,
+    /// With `rev`: the commit's MST root (when verified, §12) and CID: the repo's new head.
+    pub data: Option<String>,
+    pub commit: Option<String>,
     /// Why the repo needs a resync, when a commit of this batch could not be read in full.
     pub resync: Option<&'static str>,
 }
@@ -107,6 +110,8 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) ->
                     if outcome.complete {
                         st.rev = Some(c.rev.clone());
                         upd.rev = Some(c.rev.clone());
+                        upd.data = c.data.map(|d| d.to_string());
+                        upd.commit = Some(c.commit.to_string());
                     }
                     if let Some(reason) = outcome.damaged {
                         upd.resync.get_or_insert(reason);

@@ -116,6 +116,7 @@ pub async fn apply_repo(
             too_big: false,
             ops,
             blocks: Vec::new(),
+            data: Some(repo.data),
         }),
     };
     let state = HashMap::from([(

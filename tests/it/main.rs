@@ -31,3 +31,4 @@ mod takeover;
 mod tls;
 mod txn;
 mod users;
+mod verify;

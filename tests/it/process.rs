@@ -69,6 +69,8 @@ impl Proc {
             "--http-addr",
             "127.0.0.1:0",
             "--resolve-identities=false",
+            // The fixture corpus comes without its signing keys.
+            "--verify-commits=false",
             "--batch-max-ops",
             "200",
             "--batch-max-age-ms",

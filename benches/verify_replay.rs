@@ -1,0 +1,133 @@
+//! Release-mode benchmark of commit verification end to end (§12): replays the signed
+//! benchmark corpus (`bfbench.frames`, 45,000 frames of 300 accounts) into a fresh database
+//! with `--verify-commits` off and on, alternating (off, on, off, on, …), and prints events/s
+//! of each run and the cost of verification. Signing keys come from a stand-in PLC directory
+//! on 127.0.0.1 serving `bfbench.network/did-docs.json` (the same server the tests use).
+//!
+//! `cargo bench --bench verify_replay [-- ROUNDS]` (default 2 rounds of off+on); the corpus
+//! from `BENCH_VERIFY_FRAMES` (default `../shared/fixtures/firehose/bfbench.frames.zst`,
+//! decompressed once under `target/`), the network from `BENCH_VERIFY_NETWORK` (default
+//! `../shared/fixtures/firehose/bfbench.network`), the database from `BENCH_DATABASE_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`, dropped and recreated
+//! before each run).
+
+#[allow(dead_code)]
+#[path = "../tests/it/common/standin.rs"]
+mod standin;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use atproto_ingest::cursor::CursorKey;
+use atproto_ingest::db::DbConfig;
+use atproto_ingest::pipeline::{PipelineConfig, Stats};
+use tokio_util::sync::CancellationToken;
+
+fn shared(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/firehose")
+        .join(name)
+}
+
+fn corpus() -> Option<PathBuf> {
+    let src = std::env::var("BENCH_VERIFY_FRAMES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| shared("bfbench.frames.zst"));
+    if !src.exists() {
+        eprintln!("bench corpus {} not found; skipping", src.display());
+        return None;
+    }
+    if src.extension().is_some_and(|e| e == "zst") {
+        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bfbench.frames");
+        if !out.exists() {
+            eprintln!("decompressing {} → {}", src.display(), out.display());
+            let mut dec = zstd::stream::read::Decoder::new(std::fs::File::open(&src).ok()?).ok()?;
+            let tmp = out.with_extension("partial");
+            let mut f = std::fs::File::create(&tmp).ok()?;
+            std::io::copy(&mut dec, &mut f).ok()?;
+            std::fs::rename(&tmp, &out).ok()?;
+        }
+        return Some(out);
+    }
+    Some(src)
+}
+
+async fn fresh(url: &str) {
+    let db = DbConfig::new(url.to_owned());
+    let name = db.database().expect("database name");
+    let mut admin = db.pg_config().expect("url");
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .expect("drop bench database");
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2);
+    let Some(path) = corpus() else { return };
+    let network = std::env::var("BENCH_VERIFY_NETWORK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| shared("bfbench.network"));
+    let url = std::env::var("BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/atproto_ingest_bench".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let net = standin::StandIn::start(standin::Network::load(&network)).await;
+        let mut results: Vec<(bool, f64)> = Vec::new();
+        for _ in 0..rounds {
+            for verify in [false, true] {
+                fresh(&url).await;
+                let mut cfg = PipelineConfig::new(CursorKey {
+                    service: String::new(),
+                    fence: 0,
+                });
+                cfg.verify_commits = verify;
+                cfg.users.identity = net.identity_config();
+                cfg.users.identity.resolve_identities = false;
+                let stats = Arc::new(Stats::default());
+                let started = Instant::now();
+                atproto_ingest::replay::replay(
+                    &DbConfig::new(url.clone()),
+                    vec![path.clone()],
+                    cfg,
+                    CancellationToken::new(),
+                    stats.clone(),
+                )
+                .await
+                .expect("replay");
+                let secs = started.elapsed().as_secs_f64();
+                let events = stats.events_written.load(Ordering::Relaxed);
+                let v = &stats.verify;
+                println!(
+                    "verify={verify:5}: {events} events in {secs:.2}s = {:.0} events/s (verified {}, rejected {}, desynchronized {})",
+                    events as f64 / secs,
+                    v.verified.load(Ordering::Relaxed),
+                    v.rejected.load(Ordering::Relaxed),
+                    v.desynchronized.load(Ordering::Relaxed),
+                );
+                results.push((verify, events as f64 / secs));
+            }
+        }
+        let mean = |on: bool| {
+            let v: Vec<f64> = results.iter().filter(|r| r.0 == on).map(|r| r.1).collect();
+            v.iter().sum::<f64>() / v.len().max(1) as f64
+        };
+        let (off, on) = (mean(false), mean(true));
+        println!(
+            "mean: off {off:.0} events/s, on {on:.0} events/s: verification costs {:.1} % of replay throughput",
+            (1.0 - on / off) * 100.0
+        );
+    });
+}

@@ -1,0 +1,491 @@
+//! Verify stage (§12, `--verify-commits`): between the users stage and the batcher, every
+//! `#commit` and `#sync` is checked before anything of it is written.
+//!
+//! For each chunk, in order:
+//! 1. the heads (`rev`, `data`, sync state) and signing keys of the chunk's repos come from a
+//!    bounded LRU cache, else from `actors`, else (keys only) from the DID document;
+//! 2. every commit is verified on a blocking thread ([`crate::sync::verify_commit`]: CAR root,
+//!    `did`/`rev`, signature, MST proof of every op by inversion to `prevData`), and every
+//!    `#sync` by its signature;
+//! 3. in seq order, each verified commit is checked against its repo's head: `since` must be
+//!    the stored `rev` and `prevData` the stored `data` (a commit not newer than the head is a
+//!    replay and passes on; the writer skips it). A commit that does not chain desynchronizes
+//!    its repo; while a repo is not synchronized its live commits are not applied (the resync
+//!    brings the repo to its PDS's state, which includes them).
+//!
+//! A commit that fails verification writes nothing and is counted by reason. On a bad
+//! signature the DID document is fetched again once (the key may have rotated). A repo
+//! whose key cannot be had is desynchronized (`key_unavailable`) rather than trusted.
+//! Desynchronization marks are written at once (`repos::desynchronize`), before the cursor
+//! can pass the event that caused them, so a crash never forgets them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cid::Cid;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use lru::LruCache;
+use tokio::sync::mpsc;
+
+use super::{DecodedChunk, PipelineError};
+use crate::firehose::{Event, EventKind};
+use crate::identity::Resolver;
+use crate::metrics as m;
+use crate::repos::{self, Head, SYNCHRONIZED};
+use crate::sync::{verify_commit, verify_sync, PublicKey, VerifyError};
+
+/// Repos whose head and key the stage remembers (~250 bytes each: ~25 MB at most). Far more
+/// than the events in flight between this stage and the writer, so an evicted repo's head is
+/// always already committed when it is read back from `actors`.
+pub const DEFAULT_VERIFY_CACHE_REPOS: usize = 100_000;
+/// Estimated bytes of one cache entry (DID, rev, two CIDs, key, LRU links).
+const ENTRY_BYTES: usize = 256;
+/// DID documents fetched at once for keys missing from the cache and `actors`.
+const KEY_FETCHES: usize = 16;
+/// Counted reason of a repo whose signing key could not be found.
+pub const KEY_UNAVAILABLE: &str = "key_unavailable";
+/// Counted reason of a commit that does not continue its repo's stored head.
+pub const CHAIN_BROKEN: &str = "chain_broken";
+/// Counted reason of a `#sync` whose commit is not the stored head.
+pub const SYNC_DIFFERS: &str = "sync_differs";
+
+/// `--verify-commits` default of `run`: the daemon trusts no relay.
+pub const DEFAULT_VERIFY_COMMITS_RUN: bool = true;
+/// `--verify-commits` default of `replay`: the bundled corpora other than `snap` come
+/// without their signing keys.
+pub const DEFAULT_VERIFY_COMMITS_REPLAY: bool = false;
+
+/// Command-line flags of commit verification; `#[command(flatten)]` them into a subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// Verify every #commit (signature with the account's key, MST proof of every op,
+    /// since/prevData against the stored head) and #sync before writing it; rejected commits
+    /// write nothing, a broken chain queues a resync. Keys come from DID documents (see
+    /// --plc-url). Default: on for `run`, off for `replay`.
+    #[arg(
+        long,
+        env = "VERIFY_COMMITS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub verify_commits: Option<bool>,
+}
+
+impl VerifyArgs {
+    /// Whether to verify, with `default` when the flag is not given.
+    pub fn enabled(&self, default: bool) -> bool {
+        self.verify_commits.unwrap_or(default)
+    }
+}
+
+/// Counters of the verify stage, for the run summary.
+#[derive(Debug, Default)]
+pub struct VerifyStats {
+    pub verified: AtomicU64,
+    pub rejected: AtomicU64,
+    pub desynchronized: AtomicU64,
+    /// Commits of repos awaiting a resync, not applied.
+    pub not_applied: AtomicU64,
+    /// Rejections by reason (fixed labels of [`VerifyError::reason`] plus
+    /// [`KEY_UNAVAILABLE`]: bounded).
+    rejected_by: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl VerifyStats {
+    fn reject(&self, reason: &'static str) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        *self
+            .rejected_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+        metrics::counter!(m::COMMITS_REJECTED_TOTAL, "reason" => reason).increment(1);
+    }
+
+    /// Rejections by reason so far.
+    pub fn rejected_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What the stage knows of one repo.
+#[derive(Debug, Clone, Default)]
+struct Repo {
+    rev: Option<String>,
+    data: Option<Cid>,
+    synchronized: bool,
+    key: Option<PublicKey>,
+}
+
+impl Repo {
+    fn from_head(head: Head) -> Self {
+        Self {
+            data: head.data.as_deref().and_then(|d| d.parse().ok()),
+            rev: head.rev,
+            synchronized: head.state == SYNCHRONIZED,
+            key: None,
+        }
+    }
+}
+
+/// The stage: owns its cache; one task.
+pub(super) struct VerifyStage {
+    pool: Pool,
+    resolver: Arc<Resolver>,
+    repos: LruCache<String, Repo>,
+    stats: Arc<VerifyStats>,
+}
+
+/// The result of verifying one event on the blocking thread.
+enum Check {
+    /// Not a commit or `#sync`, or a `tooBig` commit (the writer marks those).
+    Pass,
+    Ok {
+        data: Cid,
+    },
+    Failed(VerifyError),
+    NoKey,
+}
+
+impl VerifyStage {
+    pub(super) fn new(
+        pool: Pool,
+        resolver: Arc<Resolver>,
+        cache_repos: usize,
+        stats: Arc<VerifyStats>,
+    ) -> Self {
+        let cap = NonZeroUsize::new(cache_repos.max(1)).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            pool,
+            resolver,
+            repos: LruCache::new(cap),
+            stats,
+        }
+    }
+
+    /// Runs until the input ends or the next stage is gone.
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<DecodedChunk>,
+        tx: mpsc::Sender<DecodedChunk>,
+    ) -> Result<(), PipelineError> {
+        while let Some(chunk) = rx.recv().await {
+            let chunk = self.chunk(chunk).await?;
+            metrics::gauge!(m::VERIFY_CACHE_REPOS).set(self.repos.len() as f64);
+            metrics::gauge!(m::VERIFY_CACHE_BYTES).set((self.repos.len() * ENTRY_BYTES) as f64);
+            if tx.send(chunk).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn chunk(&mut self, mut chunk: DecodedChunk) -> Result<DecodedChunk, PipelineError> {
+        let dids: Vec<String> = {
+            let mut set = HashSet::new();
+            for ev in &chunk.events {
+                match &ev.kind {
+                    EventKind::Commit(c) if !c.too_big => set.insert(c.repo.clone()),
+                    EventKind::Sync(s) => set.insert(s.did.clone()),
+                    _ => false,
+                };
+            }
+            let mut v: Vec<String> = set.into_iter().collect();
+            v.sort_unstable();
+            v
+        };
+        self.load(&dids).await?;
+        let keys: HashMap<String, PublicKey> = dids
+            .iter()
+            .filter_map(|d| {
+                let key = self.repos.peek(d)?.key.clone()?;
+                Some((d.clone(), key))
+            })
+            .collect();
+        let events = std::mem::take(&mut chunk.events);
+        let (events, checks) = tokio::task::spawn_blocking(move || {
+            let checks: Vec<Check> = events.iter().map(|ev| check(ev, &keys)).collect();
+            (events, checks)
+        })
+        .await
+        .map_err(|source| PipelineError::Task {
+            task: "verify job",
+            source,
+        })?;
+
+        let mut marks: Vec<(String, &'static str)> = Vec::new();
+        let mut out = Vec::with_capacity(events.len());
+        for (mut ev, check) in events.into_iter().zip(checks) {
+            let check = match check {
+                Check::Failed(VerifyError::BadSignature) => self.recheck(&ev).await,
+                other => other,
+            };
+            let data = match check {
+                Check::Pass => {
+                    // #identity: the signing key may have changed.
+                    if let EventKind::Identity(i) = &ev.kind {
+                        if let Some(r) = self.repos.get_mut(&i.did) {
+                            r.key = None;
+                        }
+                    }
+                    out.push(ev);
+                    continue;
+                }
+                Check::NoKey => {
+                    self.stats.reject(KEY_UNAVAILABLE);
+                    if let Some(did) = ev.kind.did() {
+                        let did = did.to_owned();
+                        self.desync(&did, KEY_UNAVAILABLE, &mut marks);
+                    }
+                    continue;
+                }
+                Check::Failed(e) => {
+                    tracing::debug!(seq = ev.seq, error = %e, "commit rejected");
+                    self.stats.reject(e.reason());
+                    continue;
+                }
+                Check::Ok { data } => data,
+            };
+            self.verified();
+            match &mut ev.kind {
+                EventKind::Commit(c) => {
+                    let repo = self.repos.get_or_insert_mut(c.repo.clone(), Repo::default);
+                    match continues(repo, c, data) {
+                        Continuity::Applies | Continuity::Replayed => {
+                            c.data = Some(data);
+                            out.push(ev);
+                        }
+                        Continuity::AwaitsResync => {
+                            self.stats.not_applied.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(m::EVENTS_OF_DESYNCHRONIZED_REPOS_TOTAL).increment(1);
+                        }
+                        Continuity::Broken => {
+                            let did = c.repo.clone();
+                            self.stats.not_applied.fetch_add(1, Ordering::Relaxed);
+                            self.desync(&did, CHAIN_BROKEN, &mut marks);
+                        }
+                    }
+                }
+                EventKind::Sync(s) => {
+                    let repo = self.repos.get_or_insert_mut(s.did.clone(), Repo::default);
+                    let same = repo.data == Some(data) && repo.rev.as_deref() == Some(&s.rev);
+                    let older = repo.rev.as_deref().is_some_and(|r| s.rev.as_str() < r);
+                    if !same && !older {
+                        let did = s.did.clone();
+                        self.desync(&did, SYNC_DIFFERS, &mut marks);
+                    }
+                    out.push(ev);
+                }
+                _ => out.push(ev),
+            }
+        }
+        if !marks.is_empty() {
+            let client = self.pool.get().await.map_err(PipelineError::VerifyPool)?;
+            repos::desynchronize(&**client, &marks)
+                .await
+                .map_err(PipelineError::VerifyDb)?;
+        }
+        chunk.events = out;
+        Ok(chunk)
+    }
+
+    fn verified(&self) {
+        self.stats.verified.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::COMMITS_VERIFIED_TOTAL).increment(1);
+    }
+
+    /// Marks `did` desynchronized (written before the chunk is handed on).
+    fn desync(&mut self, did: &str, reason: &'static str, marks: &mut Vec<(String, &'static str)>) {
+        if let Some(r) = self.repos.get_mut(did) {
+            if !r.synchronized {
+                return;
+            }
+            r.synchronized = false;
+        }
+        self.stats.desynchronized.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::REPOS_DESYNCHRONIZED_TOTAL, "reason" => reason).increment(1);
+        tracing::info!(did, reason, "repo desynchronized; resync queued");
+        marks.push((did.to_owned(), reason));
+    }
+
+    /// Fills the cache for `dids`: heads of repos not cached or not synchronized (their state
+    /// changes under resyncs) from `actors`, then keys from `actors.signing_key` and, for the
+    /// rest, from DID documents.
+    async fn load(&mut self, dids: &[String]) -> Result<(), PipelineError> {
+        let stale: Vec<String> = dids
+            .iter()
+            .filter(|d| self.repos.peek(*d).is_none_or(|r| !r.synchronized))
+            .cloned()
+            .collect();
+        let need_key: Vec<String> = dids
+            .iter()
+            .filter(|d| self.repos.peek(*d).is_none_or(|r| r.key.is_none()))
+            .cloned()
+            .collect();
+        if stale.is_empty() && need_key.is_empty() {
+            return Ok(());
+        }
+        let client = self.pool.get().await.map_err(PipelineError::VerifyPool)?;
+        if !stale.is_empty() {
+            let heads = repos::heads(&**client, &stale)
+                .await
+                .map_err(PipelineError::VerifyDb)?;
+            let mut found: HashSet<String> = HashSet::new();
+            for (did, head) in heads {
+                let key = self.repos.peek(&did).and_then(|r| r.key.clone());
+                let mut repo = Repo::from_head(head);
+                repo.key = key;
+                found.insert(did.clone());
+                self.repos.put(did, repo);
+            }
+            for did in stale.into_iter().filter(|d| !found.contains(d)) {
+                self.repos.put(
+                    did,
+                    Repo {
+                        synchronized: true,
+                        ..Repo::default()
+                    },
+                );
+            }
+        }
+        if need_key.is_empty() {
+            return Ok(());
+        }
+        let rows = client
+            .query(
+                "SELECT did, signing_key FROM actors WHERE did = ANY($1) AND signing_key IS NOT NULL",
+                &[&need_key],
+            )
+            .await
+            .map_err(PipelineError::VerifyDb)?;
+        drop(client);
+        let mut missing: HashSet<String> = need_key.into_iter().collect();
+        for row in rows {
+            let (Ok(did), Ok(key)) = (row.try_get::<_, String>(0), row.try_get::<_, String>(1))
+            else {
+                continue;
+            };
+            if let (Ok(key), Some(repo)) = (PublicKey::parse(&key), self.repos.get_mut(&did)) {
+                repo.key = Some(key);
+                missing.remove(&did);
+            }
+        }
+        let resolver = self.resolver.clone();
+        let fetched: Vec<(String, Option<PublicKey>)> =
+            futures_util::stream::iter(missing.into_iter().map(|did| {
+                let resolver = resolver.clone();
+                async move {
+                    let key = fetch_key(&resolver, &did).await;
+                    (did, key)
+                }
+            }))
+            .buffer_unordered(KEY_FETCHES)
+            .collect()
+            .await;
+        for (did, key) in fetched {
+            if let Some(repo) = self.repos.get_mut(&did) {
+                repo.key = key;
+            }
+        }
+        Ok(())
+    }
+
+    /// A bad signature: the key may have rotated. Fetches the DID document again (once) and
+    /// verifies with the new key if it differs.
+    async fn recheck(&mut self, ev: &Event) -> Check {
+        let Some(did) = ev.kind.did() else {
+            return Check::Failed(VerifyError::BadSignature);
+        };
+        self.resolver.invalidate(did);
+        let fresh = fetch_key(&self.resolver, did).await;
+        let old = self.repos.peek(did).and_then(|r| r.key.clone());
+        let Some(key) = fresh.filter(|k| Some(k) != old.as_ref()) else {
+            return Check::Failed(VerifyError::BadSignature);
+        };
+        if let Some(repo) = self.repos.get_mut(did) {
+            repo.key = Some(key.clone());
+        }
+        let keys = HashMap::from([(did.to_owned(), key)]);
+        check(ev, &keys)
+    }
+}
+
+/// How a verified commit relates to its repo's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continuity {
+    /// It continues the head (or starts a repo we hold nothing of): apply, head moves on.
+    Applies,
+    /// Not newer than the head (a replay): passes on, the writer skips it.
+    Replayed,
+    /// The repo awaits a resync: not applied.
+    AwaitsResync,
+    /// `since`/`prevData` are not the head: the repo is desynchronized.
+    Broken,
+}
+
+/// Checks `c` (verified, MST root `data`) against `repo`'s head and moves the head on when
+/// it applies.
+fn continues(repo: &mut Repo, c: &crate::firehose::event::Commit, data: Cid) -> Continuity {
+    if !repo.synchronized {
+        return Continuity::AwaitsResync;
+    }
+    let chained = match (&repo.rev, &repo.data) {
+        (None, _) => true,
+        (Some(rev), _) if c.rev.as_str() <= rev.as_str() => return Continuity::Replayed,
+        (Some(rev), Some(head)) => {
+            c.since.as_deref() == Some(rev.as_str()) && c.prev_data.as_ref() == Some(head)
+        }
+        // A head stored without its MST root (written unverified): the rev is all there is.
+        (Some(rev), None) => c.since.as_deref() == Some(rev.as_str()),
+    };
+    if !chained {
+        return Continuity::Broken;
+    }
+    repo.rev = Some(c.rev.clone());
+    repo.data = Some(data);
+    Continuity::Applies
+}
+
+async fn fetch_key(resolver: &Resolver, did: &str) -> Option<PublicKey> {
+    match resolver.resolve_did(did).await {
+        Ok(doc) => doc
+            .signing_key
+            .as_deref()
+            .and_then(|k| PublicKey::parse(k).ok()),
+        Err(e) => {
+            tracing::debug!(did, error = %e, "no signing key");
+            None
+        }
+    }
+}
+
+/// Verifies one event with its repo's key (pure; runs on a blocking thread).
+fn check(ev: &Event, keys: &HashMap<String, PublicKey>) -> Check {
+    match &ev.kind {
+        EventKind::Commit(c) if !c.too_big => match keys.get(&c.repo) {
+            None => Check::NoKey,
+            Some(key) => match verify_commit(c, key) {
+                Ok(v) => Check::Ok { data: v.data },
+                Err(e) => Check::Failed(e),
+            },
+        },
+        EventKind::Sync(s) => match keys.get(&s.did) {
+            None => Check::NoKey,
+            Some(key) => match verify_sync(s, key) {
+                Ok(v) => Check::Ok { data: v.data },
+                Err(e) => Check::Failed(e),
+            },
+        },
+        _ => Check::Pass,
+    }
+}

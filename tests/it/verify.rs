@@ -1,0 +1,246 @@
+//! `--verify-commits` end to end (§12): `snap.frames` replayed with every commit verified
+//! against keys resolved from the stand-in PLC equals the truth with nothing rejected; tampered
+//! copies re-encoded from the real frames (a forged op, an altered commit block, a commit left
+//! out with the seqs renumbered) store no forged record and desynchronize the broken repos.
+use crate::common::{self, reframe, standin::StandIn};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ipld_core::ipld::Ipld;
+
+use atproto_ingest::cursor::CursorKey;
+use atproto_ingest::firehose::event::EventKind;
+use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
+use atproto_ingest::firehose::frame;
+use atproto_ingest::pipeline::{PipelineConfig, Stats};
+use atproto_ingest::replay::replay;
+use tokio_util::sync::CancellationToken;
+
+fn verifying(net: &StandIn) -> PipelineConfig {
+    let mut cfg = PipelineConfig::new(CursorKey {
+        service: String::new(),
+        fence: 0,
+    });
+    cfg.verify_commits = true;
+    // Keys come from the stand-in PLC; users stay stubs (the verifier resolves on its own).
+    cfg.users.identity = net.identity_config();
+    cfg.users.identity.resolve_identities = false;
+    cfg.batch_max_ops = 300;
+    cfg
+}
+
+fn snap_frames() -> Vec<Vec<u8>> {
+    FrameReader::new(open(&common::fixture("snap.frames")).unwrap(), usize::MAX)
+        .map(|f| match f.unwrap() {
+            RawFrame::Message(m) => m,
+            RawFrame::Oversized { .. } => unreachable!(),
+        })
+        .collect()
+}
+
+async fn replay_frames(pool: &sqlx::PgPool, frames: &[Vec<u8>], cfg: PipelineConfig) -> Arc<Stats> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    reframe::write_fixture(file.path(), frames);
+    let stats = Arc::new(Stats::default());
+    replay(
+        &common::db_config(pool),
+        vec![file.path().to_owned()],
+        cfg,
+        CancellationToken::new(),
+        stats.clone(),
+    )
+    .await
+    .unwrap();
+    eprintln!("{}", stats.summary());
+    stats
+}
+
+/// (state, reason) per repo that is not synchronized, and the resync queue's DIDs.
+async fn broken(
+    pool: &sqlx::PgPool,
+) -> (BTreeMap<String, (String, Option<String>)>, BTreeSet<String>) {
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT did, sync_state, sync_reason FROM actors WHERE sync_state <> 'synchronized'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let queued: Vec<String> = sqlx::query_scalar("SELECT did FROM resync_queue")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    (
+        rows.into_iter().map(|(d, s, r)| (d, (s, r))).collect(),
+        queued.into_iter().collect(),
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn snap_verifies_every_commit_and_equals_the_truth(pool: sqlx::PgPool) {
+    let net = StandIn::snap().await;
+    let stats = replay_frames(&pool, &snap_frames(), verifying(&net)).await;
+    let v = &stats.verify;
+    assert!(v.verified.load(Ordering::Relaxed) > 1000);
+    assert_eq!(v.rejected_by_reason(), BTreeMap::new());
+    assert_eq!(v.desynchronized.load(Ordering::Relaxed), 0);
+    common::assert_matches_truth(&pool, &common::truth("snap")).await;
+    let (states, queued) = broken(&pool).await;
+    assert!(
+        states.is_empty() && queued.is_empty(),
+        "{states:?} {queued:?}"
+    );
+    // Every repo with a commit has its head: the rev's MST root and commit CID.
+    let headless: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM actors WHERE rev IS NOT NULL AND (repo_data IS NULL OR repo_commit IS NULL)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(headless, 0);
+
+    // A second verified replay of the same frames changes nothing.
+    let before = common::snapshot_without_times(&pool).await;
+    let again = replay_frames(&pool, &snap_frames(), verifying(&net)).await;
+    assert_eq!(again.verify.rejected.load(Ordering::Relaxed), 0);
+    assert_eq!(again.verify.desynchronized.load(Ordering::Relaxed), 0);
+    assert_eq!(common::snapshot_without_times(&pool).await, before);
+}
+
+/// Indexes of commit frames with a create op and a later commit of the same repo.
+fn commits_followed_by_another(frames: &[Vec<u8>]) -> Vec<(usize, String)> {
+    let decoded: Vec<Option<(String, bool)>> = frames
+        .iter()
+        .map(|m| match frame::decode(m).ok()?.event.kind {
+            EventKind::Commit(c) => {
+                let creates = c.ops.iter().any(|o| o.cid.is_some() && o.prev.is_none());
+                Some((c.repo, creates))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (i, d) in decoded.iter().enumerate() {
+        if let Some((did, true)) = d {
+            let later = decoded[i + 1..]
+                .iter()
+                .any(|x| x.as_ref().is_some_and(|(d2, _)| d2 == did));
+            if later {
+                out.push((i, did.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The first create op of a commit frame.
+fn first_create(f: &reframe::Frame) -> usize {
+    f.ops()
+        .iter()
+        .position(|o| {
+            matches!(o.get("cid"), Some(Ipld::Link(_)))
+                && o.get("prev").is_none_or(|p| *p == Ipld::Null)
+        })
+        .unwrap()
+}
+
+fn uri_of(f: &reframe::Frame, i: usize) -> String {
+    let Some(Ipld::String(repo)) = f.body.get("repo") else {
+        panic!("repo")
+    };
+    let Some(Ipld::String(path)) = f.ops()[i].get("path").cloned() else {
+        panic!("path")
+    };
+    format!("at://{repo}/{path}")
+}
+
+#[sqlx::test(migrations = false)]
+async fn forged_and_missing_commits_store_nothing_forged_and_desynchronize(pool: sqlx::PgPool) {
+    let net = StandIn::snap().await;
+    let mut frames = snap_frames();
+    let candidates = commits_followed_by_another(&frames);
+    // Three different repos: one forged op, one altered commit block, one commit left out.
+    let mut picked: Vec<(usize, String)> = Vec::new();
+    for c in candidates.iter().skip(10) {
+        if picked.iter().all(|(_, d)| *d != c.1) {
+            picked.push(c.clone());
+        }
+        if picked.len() == 3 {
+            break;
+        }
+    }
+    let [(forged_at, forged_did), (resigned_at, resigned_did), (dropped_at, dropped_did)] =
+        <[_; 3]>::try_from(picked).unwrap();
+
+    // 1. An op whose record is not the one the signed MST holds (correct CID for itself).
+    let mut f = reframe::Frame::parse(&frames[forged_at]);
+    let i = first_create(&f);
+    let forged_uri = uri_of(&f, i);
+    let mut record = f.record(i);
+    record.insert("text".into(), Ipld::String("forged by the relay".into()));
+    f.set_record(i, record);
+    frames[forged_at] = f.encode();
+
+    // 2. The commit block altered (its `data` pointed at the previous tree): bad signature.
+    let mut f = reframe::Frame::parse(&frames[resigned_at]);
+    let resigned_uri = uri_of(&f, first_create(&f));
+    let (roots, mut blocks) = f.car();
+    let j = blocks.iter().position(|(c, _)| *c == roots[0]).unwrap();
+    let Ipld::Map(mut commit) = serde_ipld_dagcbor::from_slice(&blocks[j].1).unwrap() else {
+        panic!("commit block")
+    };
+    commit.insert("data".into(), f.body["prevData"].clone());
+    let (cid, bytes) = reframe::reencode(&Ipld::Map(commit));
+    blocks[j] = (cid, bytes);
+    f.set_car(&[cid], &blocks);
+    f.body.insert("commit".into(), Ipld::Link(cid));
+    frames[resigned_at] = f.encode();
+
+    // 3. A commit left out, the seqs renumbered so that no gap shows.
+    let dropped = reframe::Frame::parse(&frames[dropped_at]);
+    let dropped_uri = uri_of(&dropped, first_create(&dropped));
+    frames.remove(dropped_at);
+    let first_seq = reframe::Frame::parse(&frames[0]).seq();
+    for (n, m) in frames.iter_mut().enumerate() {
+        let mut f = reframe::Frame::parse(m);
+        f.set_seq(first_seq + n as i64);
+        *m = f.encode();
+    }
+
+    let stats = replay_frames(&pool, &frames, verifying(&net)).await;
+    let rejected = stats.verify.rejected_by_reason();
+    assert_eq!(rejected.get("op_not_proven"), Some(&1), "{rejected:?}");
+    assert_eq!(rejected.get("bad_signature"), Some(&1), "{rejected:?}");
+    assert_eq!(rejected.values().sum::<u64>(), 2, "{rejected:?}");
+
+    let texts: Vec<String> =
+        sqlx::query_scalar("SELECT text FROM posts WHERE text = 'forged by the relay'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(texts.is_empty(), "a forged record was stored");
+    let stored: BTreeSet<String> = common::stored(&pool)
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    for uri in [&forged_uri, &resigned_uri, &dropped_uri] {
+        assert!(
+            !stored.contains(uri),
+            "{uri} came only in a rejected or missing commit"
+        );
+    }
+
+    // Each broken repo's next commit does not chain: desynchronized and queued.
+    let (states, queued) = broken(&pool).await;
+    for did in [&forged_did, &resigned_did, &dropped_did] {
+        assert_eq!(
+            states.get(did),
+            Some(&("desynchronized".to_owned(), Some("chain_broken".to_owned()))),
+            "{did}: {states:?}"
+        );
+        assert!(queued.contains(did));
+    }
+    assert_eq!(states.len(), 3, "only the broken repos: {states:?}");
+}
