@@ -103,6 +103,8 @@ pub struct AppConfig {
     pub resync: Option<ResyncConfig>,
     /// While leading, also backfill the relay's repos (§13) through the resync workers.
     pub backfill: bool,
+    /// Where the backfill enumerates repos; `None`: the relay.
+    pub backfill_url: Option<String>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -126,6 +128,10 @@ impl std::fmt::Debug for AppConfig {
             .field("reresolve_interval", &self.reresolve_interval)
             .field("resync", &self.resync)
             .field("backfill", &self.backfill)
+            .field(
+                "backfill_url",
+                &self.backfill_url.as_deref().map(redact_url),
+            )
             .finish()
     }
 }
@@ -148,6 +154,7 @@ impl AppConfig {
             reresolve_interval: jobs::DEFAULT_RERESOLVE_INTERVAL,
             resync: None,
             backfill: false,
+            backfill_url: None,
         }
     }
 }

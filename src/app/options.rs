@@ -102,6 +102,9 @@ pub struct RunOptions {
     /// through the resync workers, as the `backfill` command does; live ingestion continues.
     #[arg(long, env = "BACKFILL")]
     pub backfill: bool,
+    /// Where `--backfill` enumerates repos (`listRepos`); default: the relay.
+    #[arg(long, env = "BACKFILL_URL", value_name = "URL", hide_env_values = true)]
+    pub backfill_url: Option<String>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -259,6 +262,17 @@ impl RunOptions {
             false => None,
         };
         cfg.backfill = self.backfill;
+        if let Some(url) = &self.backfill_url {
+            let base = crate::resync::backfill::http_base(url);
+            check(
+                base.starts_with("http://") || base.starts_with("https://"),
+                "--backfill-url",
+                "BACKFILL_URL",
+                "must be a ws(s):// or http(s):// URL",
+                redact_url(url),
+            )?;
+        }
+        cfg.backfill_url = self.backfill_url.clone();
         Ok(cfg)
     }
 }

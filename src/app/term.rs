@@ -236,7 +236,9 @@ fn run_backfill(
     term: CancellationToken,
 ) -> impl std::future::Future<Output = Result<(), AppError>> + Send + 'static {
     let bcfg = BackfillConfig {
-        relay_url: ctx.cfg.relay.relay_url.clone(),
+        relay_url: (ctx.cfg.backfill_url.as_ref())
+            .unwrap_or(&ctx.cfg.relay.relay_url)
+            .clone(),
         page_limit: backfill::DEFAULT_PAGE_LIMIT,
         identity: ctx.cfg.pipeline.users.identity.clone(),
         resync: rcfg.clone(),

@@ -200,3 +200,54 @@ async fn repos_that_cannot_be_fetched_are_reported_with_their_reason(pool: sqlx:
     assert_eq!(net.total_requests(standin::GET_REPO), 50);
     assert_backfilled(&pool, &net, &common::truth("snap")).await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn run_backfills_while_live_ingestion_continues(pool: sqlx::PgPool) {
+    use atproto_ingest::testrelay::{TestRelay, TestRelayConfig};
+    let net = StandIn::snap().await;
+    // Live events arrive over ~3 s while the leader backfills the same repos.
+    let relay = TestRelay::from_file(
+        &common::fixture("snap.frames"),
+        TestRelayConfig {
+            rate_limit: Some(1_000),
+        },
+    )
+    .await
+    .unwrap();
+    let prefix = crate::live_common::prefix("backfill");
+    let mut cfg = crate::live_common::app_config(&pool, &relay, &prefix);
+    cfg.db.pool_size = 8;
+    cfg.pipeline.users.identity = net.identity_config();
+    cfg.pipeline.users.identity.resolve_identities = false;
+    cfg.resync = Some(config(&net, 10).resync);
+    cfg.backfill = true;
+    cfg.backfill_url = Some(net.url().to_owned());
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(atproto_ingest::app::run(cfg, shutdown.clone()));
+    let service = crate::live_common::service(&relay);
+    crate::live_common::wait_cursor(&pool, &service, 3000, Duration::from_secs(60)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (finished, queued): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM backfill_runs WHERE finished_at IS NOT NULL), \
+             (SELECT count(*) FROM resync_queue)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if finished && queued == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backfill did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(net.total_requests(standin::LIST_REPOS), 1);
+    assert!(net.total_requests(standin::GET_REPO) > 0);
+    common::assert_matches_truth(&pool, &common::truth("snap")).await;
+    crate::live_common::cleanup(&prefix).await;
+}
