@@ -7,6 +7,7 @@
 //! `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench_backfill`, dropped and recreated),
 //! workers from `RESYNC_CONCURRENCY` (default 4).
 
+#[allow(dead_code)]
 #[path = "../tests/it/common/standin.rs"]
 mod standin;
 

@@ -15,7 +15,6 @@
 //! [`StandIn::requests`] counts requests per endpoint and DID; [`StandIn::set_page_limit`] caps
 //! listRepos pages. [`StandIn::identity_config`] points identity resolution here.
 //! Shared by the integration tests and `benches/backfill.rs` (included by path).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
