@@ -15,8 +15,9 @@ use super::{ResyncError, Resynced, Resyncer};
 use crate::metrics as m;
 use crate::repos::{self, Claim};
 
-/// How often the repos-by-state gauges are refreshed (one `GROUP BY` over `actors`).
-const GAUGE_PERIOD: Duration = Duration::from_secs(5);
+/// How often the repos-by-state gauges are refreshed: one `GROUP BY` over all of `actors`,
+/// too heavy to run at every poll on a network-sized table.
+const GAUGE_PERIOD: Duration = Duration::from_secs(30);
 
 /// Runs the workers until `cancel` fires (in-flight resyncs are aborted, their claims freed),
 /// or — once `finish` fires — until no repo is due and none is in flight. Claims left by a
@@ -79,10 +80,8 @@ pub async fn run_workers(
         if inflight.is_empty() && claimed == 0 && finish.is_cancelled() {
             break;
         }
-        // A slot that just filled does not need a wait: claim more at once while repos are due.
-        if claimed > 0 && claimed == free && inflight.len() < cfg.concurrency {
-            continue;
-        }
+        // Fewer claims than free slots: nothing more is due, wait for the poll. All slots
+        // taken: wait for one to end. Either way a finished resync wakes the loop.
         tokio::select! {
             _ = cancel.cancelled() => break,
             Some(ended) = inflight.join_next_with_id(), if !inflight.is_empty() => {
