@@ -6,7 +6,8 @@
 //! database from `BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`,
 //! dropped and recreated).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,62 +17,19 @@ use atproto_ingest::db::DbConfig;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
-fn corpus() -> Option<PathBuf> {
-    let src = std::env::var("BENCH_FRAMES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/fixtures/firehose/bench.frames.zst")
-        });
-    if !src.exists() {
-        eprintln!("bench corpus {} not found; skipping", src.display());
-        return None;
-    }
-    if src.extension().is_some_and(|e| e == "zst") {
-        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench.frames");
-        if !out.exists() {
-            eprintln!("decompressing {} → {}", src.display(), out.display());
-            let mut dec = zstd::stream::read::Decoder::new(std::fs::File::open(&src).ok()?).ok()?;
-            let tmp = out.with_extension("partial");
-            let mut f = std::fs::File::create(&tmp).ok()?;
-            std::io::copy(&mut dec, &mut f).ok()?;
-            std::fs::rename(&tmp, &out).ok()?;
-        }
-        return Some(out);
-    }
-    Some(src)
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let Some(path) = corpus() else { return };
-    let url = std::env::var("BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/atproto_ingest_bench".into());
+    let Some(path) = common::corpus("BENCH_FRAMES", "bench.frames.zst") else {
+        return;
+    };
+    let url = common::database_url();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async move {
+        common::drop_database(&url).await;
         let db = DbConfig::new(url.clone());
-        let name = db.database().expect("database name");
-        let mut admin = DbConfig::new(url.clone()).pg_config().expect("url");
-        admin.dbname("postgres");
-        let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect");
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await
-            .expect("drop bench database");
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let stats = Arc::new(Stats::default());
         let cfg = PipelineConfig::new(CursorKey {
@@ -91,7 +49,7 @@ fn main() {
             events as f64 / secs,
             rows as f64 / secs,
             size as f64 / secs / 1e6,
-            peak_rss_mb()
+            common::peak_rss_mb()
         );
     });
 }

@@ -11,11 +11,11 @@
 //! (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`, dropped and recreated
 //! before each run).
 
-#[allow(dead_code)]
+mod common;
 #[path = "../tests/it/common/standin.rs"]
 mod standin;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,60 +25,19 @@ use atproto_ingest::db::DbConfig;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
-fn shared(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/firehose")
-        .join(name)
-}
-
-fn corpus() -> Option<PathBuf> {
-    let src = std::env::var("BENCH_VERIFY_FRAMES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| shared("bfbench.frames.zst"));
-    if !src.exists() {
-        eprintln!("bench corpus {} not found; skipping", src.display());
-        return None;
-    }
-    if src.extension().is_some_and(|e| e == "zst") {
-        let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bfbench.frames");
-        if !out.exists() {
-            eprintln!("decompressing {} → {}", src.display(), out.display());
-            let mut dec = zstd::stream::read::Decoder::new(std::fs::File::open(&src).ok()?).ok()?;
-            let tmp = out.with_extension("partial");
-            let mut f = std::fs::File::create(&tmp).ok()?;
-            std::io::copy(&mut dec, &mut f).ok()?;
-            std::fs::rename(&tmp, &out).ok()?;
-        }
-        return Some(out);
-    }
-    Some(src)
-}
-
-async fn fresh(url: &str) {
-    let db = DbConfig::new(url.to_owned());
-    let name = db.database().expect("database name");
-    let mut admin = db.pg_config().expect("url");
-    admin.dbname("postgres");
-    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .await
-        .expect("drop bench database");
-}
-
 fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .and_then(|a| a.parse().ok())
         .unwrap_or(2);
-    let Some(path) = corpus() else { return };
+    let Some(path) = common::corpus("BENCH_VERIFY_FRAMES", "bfbench.frames.zst") else {
+        return;
+    };
     let network = std::env::var("BENCH_VERIFY_NETWORK")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| shared("bfbench.network"));
-    let url = std::env::var("BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/atproto_ingest_bench".into());
+        .unwrap_or_else(|_| common::shared("bfbench.network"));
+    let url = common::database_url();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,7 +47,7 @@ fn main() {
         let mut results: Vec<(bool, f64)> = Vec::new();
         for _ in 0..rounds {
             for verify in [false, true] {
-                fresh(&url).await;
+                common::drop_database(&url).await;
                 let mut cfg = PipelineConfig::new(CursorKey {
                     service: String::new(),
                     fence: 0,

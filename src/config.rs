@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use crate::budget::{self, MemoryBudget};
 use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig};
 use crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES;
+use crate::firehose::limits::{self, CommitLimits};
 use crate::pipeline::{self, PipelineConfig};
 use crate::txn::{self, RetryPolicy};
 
@@ -142,6 +144,23 @@ pub struct BatchArgs {
     /// Frames longer than this are skipped and counted (`frames_malformed_total{reason="oversized"}`).
     #[arg(long, env = "MAX_FRAME_BYTES", value_name = "N", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
+    /// A commit with more ops than this is skipped whole, counted
+    /// (`commits_over_limit_total{reason="too_many_ops"}`) and its repo marked for resync.
+    #[arg(long, env = "MAX_COMMIT_OPS", value_name = "N", default_value_t = limits::DEFAULT_MAX_COMMIT_OPS)]
+    pub max_commit_ops: usize,
+    /// A commit whose `blocks` is longer than this, or whose ops' records add up to more
+    /// (counted once per op), is skipped the same way (`blocks_too_large`, `records_too_large`).
+    #[arg(long, env = "MAX_COMMIT_BLOCKS_BYTES", value_name = "N", default_value_t = limits::DEFAULT_MAX_COMMIT_BLOCKS_BYTES)]
+    pub max_commit_blocks_bytes: usize,
+    /// A commit with a record block longer than this is skipped the same way
+    /// (`record_too_large`).
+    #[arg(long, env = "MAX_RECORD_BYTES", value_name = "N", default_value_t = limits::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+    /// Memory budget in MB (10^6 bytes, at least 64): every queue, the pending-op map and
+    /// the caches are bounded in bytes by a fixed share of it (see the README). Set the
+    /// systemd unit's `MemoryHigh`/`MemoryMax` to match.
+    #[arg(long, env = "MEMORY_BUDGET_MB", value_name = "MB", default_value_t = budget::DEFAULT_MEMORY_BUDGET_MB)]
+    pub memory_budget_mb: u64,
 }
 
 impl BatchArgs {
@@ -168,6 +187,28 @@ impl BatchArgs {
             "must be at least 1024",
             self.max_frame_bytes,
         )?;
+        for (v, flag, env) in [
+            (self.max_commit_ops, "--max-commit-ops", "MAX_COMMIT_OPS"),
+            (
+                self.max_commit_blocks_bytes,
+                "--max-commit-blocks-bytes",
+                "MAX_COMMIT_BLOCKS_BYTES",
+            ),
+            (
+                self.max_record_bytes,
+                "--max-record-bytes",
+                "MAX_RECORD_BYTES",
+            ),
+        ] {
+            check(v >= 1, flag, env, "must be at least 1", v)?;
+        }
+        check(
+            self.memory_budget_mb >= budget::MIN_MEMORY_BUDGET_MB,
+            "--memory-budget-mb",
+            "MEMORY_BUDGET_MB",
+            "must be at least 64",
+            self.memory_budget_mb,
+        )?;
         let mut cfg = PipelineConfig::new(CursorKey {
             service: String::new(),
             fence: 0,
@@ -175,6 +216,12 @@ impl BatchArgs {
         cfg.batch_max_ops = self.batch_max_ops;
         cfg.batch_max_age = Duration::from_millis(self.batch_max_age_ms);
         cfg.max_frame_bytes = self.max_frame_bytes;
+        cfg.limits = CommitLimits {
+            max_ops: self.max_commit_ops,
+            max_blocks_bytes: self.max_commit_blocks_bytes,
+            max_record_bytes: self.max_record_bytes,
+        };
+        cfg.budget = MemoryBudget::from_mb(self.memory_budget_mb);
         cfg.retry = db.retry_policy()?;
         Ok(cfg)
     }
@@ -215,7 +262,34 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("BATCH_MAX_OPS"));
+        let t = T::try_parse_from(["t", "--max-commit-ops", "0"]).unwrap();
+        assert!(t
+            .batch
+            .pipeline_config(&t.db)
+            .unwrap_err()
+            .to_string()
+            .contains("MAX_COMMIT_OPS"));
+        let t = T::try_parse_from(["t", "--memory-budget-mb", "10"]).unwrap();
+        assert!(t
+            .batch
+            .pipeline_config(&t.db)
+            .unwrap_err()
+            .to_string()
+            .contains("MEMORY_BUDGET_MB"));
+        let t = T::try_parse_from(["t", "--max-record-bytes", "10"]).unwrap();
+        assert_eq!(
+            t.batch
+                .pipeline_config(&t.db)
+                .unwrap()
+                .limits
+                .max_record_bytes,
+            10
+        );
         let t = T::try_parse_from(["t"]).unwrap();
         assert!(t.db.db_config().is_ok() && t.batch.pipeline_config(&t.db).is_ok());
+        assert_eq!(
+            t.batch.pipeline_config(&t.db).unwrap().limits,
+            CommitLimits::default()
+        );
     }
 }

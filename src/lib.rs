@@ -47,6 +47,7 @@
 //! - [`tls`]: TLS to PostgreSQL (`sslmode`) and Redis (`rediss://`).
 
 pub mod app;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod cursor;

@@ -96,6 +96,10 @@ metrics! {
         "Record ops skipped: record unreadable (block missing, CID mismatch, tooBig, ...), by reason.";
     pub(crate) COMMITS_TOO_BIG_TOTAL: Counter[] =
         "atproto_ingest_commits_too_big_total", "tooBig commits (repo needs a resync).";
+    /// `reason`: `too_many_ops`, `blocks_too_large`, `record_too_large`, `records_too_large`.
+    pub(crate) COMMITS_OVER_LIMIT_TOTAL: Counter["reason"] =
+        "atproto_ingest_commits_over_limit_total",
+        "Commits skipped for breaking a decode limit (repo needs a resync), by reason.";
 
     // --- Relay client (§3) ---
     pub(crate) RELAY_CONNECTED: Gauge[] =
@@ -128,10 +132,23 @@ metrics! {
     pub(crate) LAG_EVENTS: Gauge[] =
         "atproto_ingest_lag_events", "Relay seq received minus the durable cursor.";
 
+    // --- Memory budget (src/budget.rs) ---
+    /// `share`: `total`, `raw_queue`, `decoded_queue`, `users_queue`, `verified_queue`, `batch`, `pending`,
+    /// `live_queue`, `known_dids`, `identity_caches`.
+    pub(crate) MEMORY_BUDGET_BYTES: Gauge(Bytes)["share"] =
+        "atproto_ingest_memory_budget_bytes", "Memory budget and its share per bound.";
+    /// `queue`: `raw`, `decoded`, `users`, `verified`, `batches`, `live` (sampled as the
+    /// source drains it).
+    pub(crate) QUEUE_BYTES: Gauge(Bytes)["queue"] =
+        "atproto_ingest_queue_bytes", "Bytes queued between pipeline stages, by queue.";
+
     // --- Pending-op maps (§5) ---
     pub(crate) PENDING_DIDS: Gauge[] = "atproto_ingest_pending_dids", "DIDs in the pending-op map.";
     /// All DIDs together.
     pub(crate) PENDING_OPS: Gauge[] = "atproto_ingest_pending_ops", "Ops in the pending-op map.";
+    /// Its bound: the pending share of the memory budget.
+    pub(crate) PENDING_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_pending_bytes", "Bytes held in the pending-op map.";
     /// Flushed with a stub user.
     pub(crate) PENDING_EVICTIONS_TOTAL: Counter[] =
         "atproto_ingest_pending_evictions_total", "DIDs evicted from the pending-op map.";
@@ -142,6 +159,9 @@ metrics! {
     // --- Users stage (§5) ---
     pub(crate) USERS_KNOWN_DIDS: Gauge[] =
         "atproto_ingest_users_known_dids", "DIDs in the known-DID set.";
+    /// Its bound: the known-DID share of the memory budget.
+    pub(crate) USERS_KNOWN_DIDS_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_users_known_dids_bytes", "Bytes of the known-DID set.";
     /// Spawned tasks.
     pub(crate) USERS_TASKS_IN_FLIGHT: Gauge[] =
         "atproto_ingest_users_tasks_in_flight", "User creations and refreshes in flight.";
@@ -180,6 +200,9 @@ metrics! {
         "atproto_ingest_identity_cache_misses_total", "Identity cache misses, by cache.";
     pub(crate) IDENTITY_CACHE_ENTRIES: Gauge["cache"] =
         "atproto_ingest_identity_cache_entries", "Identity cache entries, by cache.";
+    /// Bounded by the identity-cache share of the memory budget.
+    pub(crate) IDENTITY_CACHE_BYTES: Gauge(Bytes)["cache"] =
+        "atproto_ingest_identity_cache_bytes", "Identity cache bytes, by cache.";
     /// `result`: `ok` or an error kind.
     pub(crate) IDENTITY_RESOLUTIONS_TOTAL: Counter["result"] =
         "atproto_ingest_identity_resolutions_total", "Identity resolutions, by result.";

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use lru::LruCache;
 
+use crate::budget::{MemoryBudget, Weigh};
 use crate::metrics as m;
 
 /// Default bound on DIDs held: ~10k users being created at once covers a backfill burst
@@ -38,6 +39,9 @@ pub struct PendingConfig {
     pub max_dids: usize,
     /// Most ops held per DID (default [`DEFAULT_MAX_OPS_PER_DID`]).
     pub max_ops_per_did: usize,
+    /// Most bytes held over all DIDs (default: the pending share of the default
+    /// [`MemoryBudget`]).
+    pub max_bytes: usize,
 }
 
 impl Default for PendingConfig {
@@ -45,6 +49,7 @@ impl Default for PendingConfig {
         Self {
             max_dids: DEFAULT_MAX_DIDS,
             max_ops_per_did: DEFAULT_MAX_OPS_PER_DID,
+            max_bytes: MemoryBudget::default().pending(),
         }
     }
 }
@@ -57,7 +62,8 @@ pub type DidOps<T> = Vec<(i64, T)>;
 pub enum PushOutcome<T> {
     /// The op is held until [`PendingOps::take`].
     Held,
-    /// The DID's list was full: all its ops, the new one last, must be flushed now.
+    /// The DID's list was full, or holding the op would pass the map's byte bound: all the
+    /// DID's ops, the new one last, must be flushed now.
     Overflow {
         /// The DID whose ops these are.
         did: String,
@@ -80,6 +86,8 @@ pub struct PendingOps<T> {
     /// seq → number of held ops with that seq (one commit's ops share a seq).
     seqs: BTreeMap<i64, usize>,
     ops: usize,
+    /// Bytes held ([`Weigh`]), never above `config.max_bytes`.
+    bytes: usize,
     config: PendingConfig,
 }
 
@@ -89,6 +97,7 @@ impl<T> PendingOps<T> {
         for (name, value) in [
             ("max_dids", config.max_dids),
             ("max_ops_per_did", config.max_ops_per_did),
+            ("max_bytes", config.max_bytes),
         ] {
             if value == 0 {
                 return Err(PendingError::ZeroBound { name, value });
@@ -98,15 +107,28 @@ impl<T> PendingOps<T> {
             map: LruCache::unbounded(),
             seqs: BTreeMap::new(),
             ops: 0,
+            bytes: 0,
             config,
         })
     }
+}
 
+impl<T: Weigh> PendingOps<T> {
     /// Holds `item` (firehose `seq`) for `did`, marking the DID most recently used.
     /// Never drops: whatever no longer fits is returned to be flushed now.
     pub fn push(&mut self, did: &str, seq: i64, item: T) -> PushOutcome<T> {
+        let weight = item.bytes();
+        let over_bytes = self.bytes.saturating_add(weight) > self.config.max_bytes;
+        if over_bytes && !self.map.contains(did) {
+            // Holding it would pass the byte bound: this DID's op goes on now, as a stub.
+            metrics::counter!(m::PENDING_OVERFLOWS_TOTAL).increment(1);
+            return PushOutcome::Overflow {
+                did: did.to_owned(),
+                ops: vec![(seq, item)],
+            };
+        }
         if let Some(list) = self.map.get_mut(did) {
-            if list.len() >= self.config.max_ops_per_did {
+            if list.len() >= self.config.max_ops_per_did || over_bytes {
                 let mut ops = self.map.pop(did).unwrap_or_default();
                 self.forget(&ops);
                 ops.push((seq, item));
@@ -118,7 +140,7 @@ impl<T> PendingOps<T> {
                 };
             }
             list.push((seq, item));
-            self.remember(seq);
+            self.remember(seq, weight);
             self.publish();
             return PushOutcome::Held;
         }
@@ -132,7 +154,7 @@ impl<T> PendingOps<T> {
             metrics::counter!(m::PENDING_EVICTIONS_TOTAL).increment(1);
         }
         self.map.put(did.to_owned(), vec![(seq, item)]);
-        self.remember(seq);
+        self.remember(seq, weight);
         self.publish();
         match evicted {
             Some((did, ops)) => PushOutcome::Evicted { did, ops },
@@ -156,6 +178,7 @@ impl<T> PendingOps<T> {
         }
         self.seqs.clear();
         self.ops = 0;
+        self.bytes = 0;
         self.publish();
         out
     }
@@ -180,6 +203,11 @@ impl<T> PendingOps<T> {
         self.ops
     }
 
+    /// Bytes held over all DIDs.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
@@ -190,13 +218,15 @@ impl<T> PendingOps<T> {
         self.config
     }
 
-    fn remember(&mut self, seq: i64) {
+    fn remember(&mut self, seq: i64, weight: usize) {
         *self.seqs.entry(seq).or_insert(0) += 1;
         self.ops += 1;
+        self.bytes += weight;
     }
 
     fn forget(&mut self, ops: &[(i64, T)]) {
-        for (seq, _) in ops {
+        for (seq, item) in ops {
+            self.bytes = self.bytes.saturating_sub(item.bytes());
             if let Some(count) = self.seqs.get_mut(seq) {
                 *count -= 1;
                 if *count == 0 {
@@ -210,6 +240,7 @@ impl<T> PendingOps<T> {
     fn publish(&self) {
         metrics::gauge!(m::PENDING_DIDS).set(self.map.len() as f64);
         metrics::gauge!(m::PENDING_OPS).set(self.ops as f64);
+        metrics::gauge!(m::PENDING_BYTES).set(self.bytes as f64);
     }
 }
 
@@ -221,22 +252,53 @@ mod tests {
         PendingOps::new(PendingConfig {
             max_dids,
             max_ops_per_did,
+            max_bytes: usize::MAX,
         })
         .expect("valid bounds")
     }
 
     #[test]
+    fn the_byte_bound_flushes_instead_of_growing() {
+        let mut m = PendingOps::new(PendingConfig {
+            max_dids: 10,
+            max_ops_per_did: 10,
+            max_bytes: 100,
+        })
+        .unwrap();
+        assert_eq!(m.push("did:a", 1, 40), PushOutcome::Held);
+        assert_eq!(m.push("did:b", 2, 50), PushOutcome::Held);
+        assert_eq!(m.bytes(), 90);
+        // A new DID that does not fit goes on at once, alone.
+        assert_eq!(
+            m.push("did:c", 3, 20),
+            PushOutcome::Overflow {
+                did: "did:c".into(),
+                ops: vec![(3, 20)]
+            }
+        );
+        // A held DID that would pass the bound is flushed whole.
+        assert_eq!(
+            m.push("did:a", 4, 30),
+            PushOutcome::Overflow {
+                did: "did:a".into(),
+                ops: vec![(1, 40), (4, 30)]
+            }
+        );
+        assert_eq!((m.bytes(), m.dids()), (50, 1));
+        assert_eq!(m.take("did:b"), Some(vec![(2, 50)]));
+        assert_eq!(m.bytes(), 0);
+    }
+
+    #[test]
     fn zero_bounds_are_rejected() {
-        assert!(PendingOps::<u32>::new(PendingConfig {
-            max_dids: 0,
-            max_ops_per_did: 1
-        })
-        .is_err());
-        assert!(PendingOps::<u32>::new(PendingConfig {
-            max_dids: 1,
-            max_ops_per_did: 0
-        })
-        .is_err());
+        for (max_dids, max_ops_per_did, max_bytes) in [(0, 1, 1), (1, 0, 1), (1, 1, 0)] {
+            assert!(PendingOps::<u32>::new(PendingConfig {
+                max_dids,
+                max_ops_per_did,
+                max_bytes,
+            })
+            .is_err());
+        }
         assert_eq!(PendingConfig::default().max_dids, DEFAULT_MAX_DIDS);
     }
 

@@ -174,7 +174,7 @@ impl ReplayOptions {
     pub fn configs(&self) -> Result<(DbConfig, PipelineConfig), ReplayError> {
         let db = self.db.db_config()?;
         let mut cfg = self.batch.pipeline_config(&self.db)?;
-        cfg.users = self.users.to_config(DEFAULT_RESOLVE_IDENTITIES_REPLAY)?;
+        cfg.set_users(self.users.to_config(DEFAULT_RESOLVE_IDENTITIES_REPLAY)?);
         cfg.verify_commits = self
             .verify
             .enabled(crate::pipeline::DEFAULT_VERIFY_COMMITS_REPLAY);

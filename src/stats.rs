@@ -22,6 +22,8 @@ pub struct Tally {
     pub unavailable: BTreeMap<&'static str, u64>,
     /// Frames skipped, by `FrameError::reason()`.
     pub skipped: BTreeMap<&'static str, u64>,
+    /// Commits skipped for breaking a decode limit, by `OverLimit::reason()`.
+    pub over_limit: BTreeMap<&'static str, u64>,
     /// Frames accepted although their body was not canonical DAG-CBOR.
     pub non_canonical: u64,
 }
@@ -37,6 +39,9 @@ impl Tally {
         let EventKind::Commit(c) = kind else {
             return;
         };
+        if let Some(over) = c.over_limit {
+            *self.over_limit.entry(over.reason()).or_default() += 1;
+        }
         for op in &c.ops {
             *self
                 .ops
@@ -97,6 +102,11 @@ impl fmt::Display for Tally {
         let unavailable: u64 = self.unavailable.values().sum();
         writeln!(f, "unavailable records by reason: {unavailable}")?;
         for (reason, n) in &self.unavailable {
+            writeln!(f, "  {reason:<20} {n:>9}")?;
+        }
+        let over_limit: u64 = self.over_limit.values().sum();
+        writeln!(f, "commits over a decode limit by reason: {over_limit}")?;
+        for (reason, n) in &self.over_limit {
             writeln!(f, "  {reason:<20} {n:>9}")?;
         }
         writeln!(f, "skipped frames by reason: {}", self.skipped_total())?;

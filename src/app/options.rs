@@ -138,9 +138,10 @@ impl RunOptions {
     pub fn to_config(&self) -> Result<AppConfig, AppError> {
         let db = self.db.db_config()?;
         let mut pipeline = self.batch.pipeline_config(&self.db)?;
-        pipeline.users = self
-            .users
-            .to_config(users::DEFAULT_RESOLVE_IDENTITIES_RUN)?;
+        pipeline.set_users(
+            self.users
+                .to_config(users::DEFAULT_RESOLVE_IDENTITIES_RUN)?,
+        );
         pipeline.verify_commits = self
             .verify
             .enabled(crate::pipeline::DEFAULT_VERIFY_COMMITS_RUN);

@@ -25,8 +25,6 @@ use super::anchor;
 use super::lead::Ctx;
 use super::{progress, AppError};
 
-/// Frames queued between the relay client and the pipeline (the pipeline has its own queues).
-const FRAME_QUEUE: usize = 1_024;
 /// Part of the drain limit kept for releasing the lease after the pipeline drained.
 const RELEASE_RESERVE: Duration = Duration::from_millis(1_000);
 
@@ -63,7 +61,13 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
     let mut tasks: Tasks<AppError> = Tasks::new(shutdown.child_token());
     let term = tasks.token().clone();
     let (cursor_tx, cursor_rx) = watch::channel(resume);
-    let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
+    // Frames queued between the relay client and the pipeline: as many as the live queue's
+    // share of the memory budget holds at the frame size limit (the pipeline has its own).
+    let frame_queue = cfg
+        .pipeline
+        .budget
+        .live_queue_frames(cfg.pipeline.max_frame_bytes);
+    let (frames_tx, frames_rx) = mpsc::channel(frame_queue);
     let mut pcfg = cfg.pipeline.clone();
     pcfg.cursor = CursorKey {
         service: ctx.service.to_owned(),
@@ -81,7 +85,7 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
     let frames_rx = match resume {
         Some(_) => frames_rx,
         None => {
-            let (anchored_tx, anchored_rx) = mpsc::channel(FRAME_QUEUE);
+            let (anchored_tx, anchored_rx) = mpsc::channel(frame_queue);
             let anchor = anchor::forward(
                 ctx.pool.clone(),
                 pcfg.cursor.clone(),

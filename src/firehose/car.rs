@@ -5,6 +5,8 @@
 //! pulls a second serde_ipld_dagcbor and an async reader API, and the firehose only ever
 //! holds a CAR slice that is already in memory.
 
+use std::collections::HashMap;
+
 use cid::Cid;
 use sha2::{Digest, Sha256};
 
@@ -38,11 +40,14 @@ struct CarHeader {
     roots: Vec<Cid>,
 }
 
-/// The blocks of one CAR slice, in file order.
+/// The blocks of one CAR slice, in file order, indexed by CID (a lookup is O(1): a commit
+/// with many ops never scans its blocks once per op).
 #[derive(Debug, Default)]
 pub struct Car<'a> {
     roots: Vec<Cid>,
     blocks: Vec<(Cid, &'a [u8])>,
+    /// CID → position in `blocks` of its first section (a repeated CID keeps the first).
+    index: HashMap<Cid, usize>,
 }
 
 impl<'a> Car<'a> {
@@ -64,6 +69,7 @@ impl<'a> Car<'a> {
             return Err(CarError::Header(format!("version {}", header.version)));
         }
         let mut blocks = Vec::with_capacity(8);
+        let mut index = HashMap::with_capacity(8);
         let mut pos = hend;
         while pos < buf.len() {
             let (len, used) = decode_varint(&buf[pos..]).ok_or(CarError::Truncated(pos))?;
@@ -76,12 +82,14 @@ impl<'a> Car<'a> {
             let mut section = &buf[start..end];
             let cid =
                 Cid::read_bytes(&mut section).map_err(|e| CarError::BadCid(pos, e.to_string()))?;
+            index.entry(cid).or_insert(blocks.len());
             blocks.push((cid, section));
             pos = end;
         }
         Ok(Self {
             roots: header.roots,
             blocks,
+            index,
         })
     }
 
@@ -103,13 +111,17 @@ impl<'a> Car<'a> {
         self.blocks.is_empty()
     }
 
+    /// The bytes of block `cid`, not hash-checked (for size checks before any hashing).
+    pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
+        self.index
+            .get(cid)
+            .and_then(|&i| self.blocks.get(i))
+            .map(|&(_, data)| data)
+    }
+
     /// The bytes of block `cid`, checked to hash to it.
     pub fn get_verified(&self, cid: &Cid) -> Result<&'a [u8], BlockError> {
-        let (_, data) = self
-            .blocks
-            .iter()
-            .find(|(c, _)| c == cid)
-            .ok_or(BlockError::Missing)?;
+        let data = self.get(cid).ok_or(BlockError::Missing)?;
         if verify(cid, data) {
             Ok(data)
         } else {

@@ -2,6 +2,7 @@
 
 use cid::Cid;
 
+use super::limits::OverLimit;
 use super::record::{KnownRecord, Rejection};
 
 /// One decoded firehose message.
@@ -106,9 +107,23 @@ pub struct Commit {
     /// The CAR slice as received (signed commit, MST nodes, records), for Sync 1.1
     /// verification ([`crate::sync::verify_commit`]); empty for `tooBig` commits.
     pub blocks: Vec<u8>,
+    /// The commit broke a decode limit (ops, `blocks` or record bytes): it carries no ops and
+    /// no blocks, and its repo needs a resync for this reason.
+    pub over_limit: Option<OverLimit>,
+    /// DAG-CBOR bytes of the records the ops hold, counted once per op: what the decoded
+    /// records weigh in memory is estimated from it (the pipeline's byte bounds).
+    pub records_bytes: usize,
     /// MST root (`data`) of the signed commit, set by the verify stage once the commit is
     /// verified (§12); `None` when verification is off. Stored as the repo's head.
     pub data: Option<Cid>,
+}
+
+impl Commit {
+    /// Whether the commit carries its blocks: not `tooBig` and within the decode limits (a
+    /// commit that is neither passes unverified; its repo is marked for resync).
+    pub fn readable(&self) -> bool {
+        !self.too_big && self.over_limit.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,12 +4,14 @@
 use cid::Cid;
 use serde::Deserialize;
 
-use super::car::{BlockError, Car};
+use std::collections::HashMap;
+
+use super::car::Car;
 use super::cbor::{self, WalkError};
 use super::event::{
     Account, Action, Commit, Event, EventKind, Identity, OpRecord, RecordOp, Sync, Unavailable,
 };
-use super::record::{self, Decoded as RecordDecoded};
+use super::limits::{BlockCache, CommitLimits};
 use super::syntax::{is_nsid, is_record_key};
 
 /// Default frame size limit (§3): 5 MiB.
@@ -188,8 +190,14 @@ pub(crate) fn body<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameEr
     })
 }
 
-/// Decodes one WebSocket binary message.
+/// Decodes one WebSocket binary message, holding commits to the sync spec's default limits.
 pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
+    decode_with(msg, &CommitLimits::default())
+}
+
+/// Decodes one WebSocket binary message; a commit over `limits` comes out without ops or
+/// blocks, carrying the limit it broke ([`Commit::over_limit`]).
+pub fn decode_with(msg: &[u8], limits: &CommitLimits) -> Result<DecodedFrame, FrameError> {
     if msg.is_empty() {
         return Err(FrameError::Empty);
     }
@@ -211,7 +219,7 @@ pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
             }
         }
         1 => match header.t {
-            Some("#commit") => decode_commit(body(rest)?)?,
+            Some("#commit") => decode_commit(body(rest)?, limits)?,
             Some("#identity") => {
                 let b: IdentityBody = body(rest)?;
                 Event {
@@ -268,10 +276,20 @@ pub fn decode(msg: &[u8]) -> Result<DecodedFrame, FrameError> {
     })
 }
 
-fn decode_commit(b: CommitBody<'_>) -> Result<Event, FrameError> {
+fn decode_commit(b: CommitBody<'_>, limits: &CommitLimits) -> Result<Event, FrameError> {
     let car = Car::parse(b.blocks).map_err(|e| FrameError::Car(e.to_string()))?;
-    let mut ops = Vec::with_capacity(b.ops.len());
-    for (i, op) in b.ops.iter().enumerate() {
+    // The last op on each path: an earlier op on the same path has no lasting effect.
+    let last_on_path: HashMap<&str, usize> = b
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| (op.path, i))
+        .collect();
+    let over = limits.check_body(b.ops.len(), b.blocks.len()).err();
+    // A commit over a limit is not read any further.
+    let wire_ops: &[WireOp<'_>] = if over.is_some() { &[] } else { &b.ops };
+    let mut parsed = Vec::with_capacity(wire_ops.len());
+    for (i, op) in wire_ops.iter().enumerate() {
         let action = match op.action {
             "create" => Action::Create,
             "update" => Action::Update,
@@ -279,37 +297,55 @@ fn decode_commit(b: CommitBody<'_>) -> Result<Event, FrameError> {
             other => return Err(FrameError::Body(format!("unknown op action {other:?}"))),
         };
         let (collection, rkey) = op.path.split_once('/').unwrap_or((op.path, ""));
-        let superseded = b.ops[i + 1..].iter().any(|later| later.path == op.path);
         let record = if !is_nsid(collection) || !is_record_key(rkey) {
-            OpRecord::Unavailable(Unavailable::BadPath)
+            Some(OpRecord::Unavailable(Unavailable::BadPath))
         } else if action == Action::Delete {
-            OpRecord::None
-        } else if superseded {
-            OpRecord::Superseded
+            Some(OpRecord::None)
+        } else if last_on_path.get(op.path) != Some(&i) {
+            Some(OpRecord::Superseded)
         } else if b.too_big {
-            OpRecord::Unavailable(Unavailable::TooBig)
+            Some(OpRecord::Unavailable(Unavailable::TooBig))
+        } else if op.cid.is_none() {
+            Some(OpRecord::Unavailable(Unavailable::NoCid))
         } else {
-            match &op.cid {
-                None => OpRecord::Unavailable(Unavailable::NoCid),
-                Some(cid) => match car.get_verified(cid) {
-                    Err(BlockError::Missing) => OpRecord::Unavailable(Unavailable::BlockMissing),
-                    Err(BlockError::Mismatch) => OpRecord::Unavailable(Unavailable::BlockMismatch),
-                    Ok(block) => match record::decode(collection, rkey, block) {
-                        Ok(RecordDecoded::Known(k)) => OpRecord::Known(k),
-                        Ok(RecordDecoded::Generic(j)) => OpRecord::Generic(j),
-                        Err(r) => OpRecord::Invalid(r),
-                    },
-                },
-            }
+            // Read below, once every op's block size is known to be within the limits.
+            None
         };
-        ops.push(RecordOp {
-            action,
-            collection: collection.to_owned(),
-            rkey: rkey.to_owned(),
-            cid: op.cid,
-            prev: op.prev,
-            record,
+        parsed.push((op, action, collection, rkey, record));
+    }
+    // Each op's record block counts once per op, before any of them is hashed.
+    let sizes = parsed
+        .iter()
+        .filter(|(.., record)| record.is_none())
+        .filter_map(|(op, ..)| {
+            op.cid
+                .as_ref()
+                .and_then(|cid| car.get(cid))
+                .map(<[u8]>::len)
         });
+    let (over, records_bytes) = match over.map_or_else(|| limits.check_records(sizes), Err) {
+        Ok(total) => (None, total),
+        Err(o) => (Some(o), 0),
+    };
+    let mut ops = Vec::new();
+    if over.is_none() {
+        let mut cache = BlockCache::new(&car);
+        ops = Vec::with_capacity(parsed.len());
+        for (op, action, collection, rkey, record) in parsed {
+            let record = match (record, &op.cid) {
+                (Some(r), _) => r,
+                (None, Some(cid)) => cache.record(cid, collection, rkey),
+                (None, None) => OpRecord::Unavailable(Unavailable::NoCid),
+            };
+            ops.push(RecordOp {
+                action,
+                collection: collection.to_owned(),
+                rkey: rkey.to_owned(),
+                cid: op.cid,
+                prev: op.prev,
+                record,
+            });
+        }
     }
     Ok(Event {
         seq: b.seq,
@@ -322,7 +358,14 @@ fn decode_commit(b: CommitBody<'_>) -> Result<Event, FrameError> {
             time: b.time,
             too_big: b.too_big,
             ops,
-            blocks: b.blocks.to_vec(),
+            // A skipped commit keeps nothing of its CAR.
+            blocks: if over.is_some() {
+                Vec::new()
+            } else {
+                b.blocks.to_vec()
+            },
+            over_limit: over,
+            records_bytes,
             data: None,
         }),
     })

@@ -7,8 +7,10 @@ pub mod datamodel;
 pub mod event;
 pub mod fixture;
 pub mod frame;
+pub mod limits;
 pub mod record;
 pub mod syntax;
 
 pub use event::{Action, Event, EventKind, OpRecord, RecordOp};
-pub use frame::{decode, FrameError};
+pub use frame::{decode, decode_with, FrameError};
+pub use limits::{CommitLimits, OverLimit};

@@ -62,6 +62,9 @@ pub struct IdentityConfig {
     pub handle_negative_ttl: Duration,
     /// Handle → DID cache bound (default [`DEFAULT_HANDLE_CACHE_SIZE`]).
     pub handle_cache_size: usize,
+    /// Bytes both caches hold together (¾ documents, ¼ handles); default: the identity-cache
+    /// share of the default memory budget ([`crate::budget`]).
+    pub cache_max_bytes: usize,
     /// First retry delay after a failure (default [`DEFAULT_RETRY_BASE`]), doubling.
     pub retry_base: Duration,
     /// Longest retry delay (default [`DEFAULT_RETRY_CAP`]).
@@ -88,6 +91,7 @@ impl Default for IdentityConfig {
             handle_ttl: DEFAULT_HANDLE_TTL,
             handle_negative_ttl: DEFAULT_HANDLE_NEGATIVE_TTL,
             handle_cache_size: DEFAULT_HANDLE_CACHE_SIZE,
+            cache_max_bytes: crate::budget::MemoryBudget::default().identity_caches(),
             retry_base: DEFAULT_RETRY_BASE,
             retry_cap: DEFAULT_RETRY_CAP,
             allow_private_network: false,

@@ -51,8 +51,17 @@ impl Resolver {
         Ok(Self {
             policy,
             handles: HandleResolver::new(&config)?,
-            docs: TtlCache::new(config.doc_cache_size, CACHE_DID_DOC),
-            handle_dids: TtlCache::new(config.handle_cache_size, CACHE_HANDLE),
+            // The two caches share the byte bound: documents weigh most.
+            docs: TtlCache::new(
+                config.doc_cache_size,
+                config.cache_max_bytes / 4 * 3,
+                CACHE_DID_DOC,
+            ),
+            handle_dids: TtlCache::new(
+                config.handle_cache_size,
+                config.cache_max_bytes / 4,
+                CACHE_HANDLE,
+            ),
             config,
             client,
         })

@@ -1,11 +1,11 @@
 //! Batcher stage: cuts the event stream into [`Batch`]es, each written in one transaction.
-//! A batch is sent when it reaches `max_ops` ops or when its first event is `max_age` old,
-//! whichever comes first (§6), so the lag stays bounded when traffic is low.
+//! A batch is sent when it reaches `max_ops` ops or `max_bytes` bytes in memory
+//! (its share of the memory budget), or when its first event is `max_age` old, whichever comes
+//! first (§6), so the lag stays bounded when traffic is low.
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
+use super::queue::{self, Weigh};
 use super::DecodedChunk;
 use crate::cursor;
 use crate::firehose::Event;
@@ -25,6 +25,12 @@ pub struct Batch {
     /// Low watermark from the users stage (§4): when set, the cursor written instead of
     /// `last_seq`, so it never passes an event still held in a pending-op map.
     pub watermark: Option<i64>,
+}
+
+impl Weigh for Batch {
+    fn bytes(&self) -> usize {
+        self.events.bytes()
+    }
 }
 
 impl Batch {
@@ -52,13 +58,15 @@ impl Batch {
 
 /// Runs until the input ends (the last partial batch is sent) or the writer is gone.
 pub(super) async fn run(
-    mut rx: mpsc::Receiver<DecodedChunk>,
-    tx: mpsc::Sender<Batch>,
+    mut rx: queue::Receiver<DecodedChunk>,
+    tx: queue::Sender<Batch>,
     max_ops: usize,
+    max_bytes: usize,
     max_age: Duration,
 ) {
     let mut batch = Batch::default();
     let mut ops = 0usize;
+    let mut bytes = 0usize;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let next = match deadline {
@@ -73,15 +81,17 @@ pub(super) async fn run(
                 let mut events = chunk.events.into_iter();
                 while let Some(ev) = events.next() {
                     ops += ev.weight();
+                    bytes += queue::event_bytes(&ev);
                     batch.push(ev);
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + max_age);
-                    if ops >= max_ops {
+                    if ops >= max_ops || bytes >= max_bytes {
                         batch.watermark =
                             cursor::watermark_before(chunk.watermark, events.as_slice());
                         if tx.send(std::mem::take(&mut batch)).await.is_err() {
                             return;
                         }
                         ops = 0;
+                        bytes = 0;
                         deadline = None;
                     }
                 }
@@ -100,6 +110,7 @@ pub(super) async fn run(
                     return;
                 }
                 ops = 0;
+                bytes = 0;
                 deadline = None;
             }
         }
@@ -116,15 +127,21 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_cut_at_max_ops_and_the_rest_is_flushed_at_the_end() {
-        let (chunk_tx, chunk_rx) = mpsc::channel(1);
-        let (batch_tx, mut batch_rx) = mpsc::channel(8);
-        let stage = tokio::spawn(run(chunk_rx, batch_tx, 2, Duration::from_secs(3600)));
+        let (chunk_tx, chunk_rx) = queue::channel("t", 1, 1 << 20);
+        let (batch_tx, mut batch_rx) = queue::channel("t", 8, 1 << 20);
+        let stage = tokio::spawn(run(
+            chunk_rx,
+            batch_tx,
+            2,
+            1 << 20,
+            Duration::from_secs(3600),
+        ));
         let chunk = DecodedChunk {
             events: (1..=5).map(ev).collect(),
             watermark: Some(4),
             ..DecodedChunk::default()
         };
-        chunk_tx.send(chunk).await.unwrap();
+        assert!(chunk_tx.send(chunk).await.is_ok());
         drop(chunk_tx);
         stage.await.unwrap();
         let mut got = Vec::new();
@@ -143,15 +160,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_are_cut_at_max_bytes() {
+        let (chunk_tx, chunk_rx) = queue::channel("t", 1, 1 << 20);
+        let (batch_tx, mut batch_rx) = queue::channel("t", 8, 1 << 20);
+        let one = queue::event_bytes(&ev(1));
+        let stage = tokio::spawn(run(
+            chunk_rx,
+            batch_tx,
+            1_000,
+            2 * one,
+            Duration::from_secs(3600),
+        ));
+        let chunk = DecodedChunk {
+            events: (1..=5).map(ev).collect(),
+            ..DecodedChunk::default()
+        };
+        assert!(chunk_tx.send(chunk).await.is_ok());
+        drop(chunk_tx);
+        stage.await.unwrap();
+        let mut sizes = Vec::new();
+        while let Some(b) = batch_rx.recv().await {
+            sizes.push(b.events.len());
+        }
+        assert_eq!(sizes, vec![2, 2, 1]);
+    }
+
+    #[tokio::test]
     async fn a_small_batch_is_flushed_when_it_is_max_age_old() {
-        let (chunk_tx, chunk_rx) = mpsc::channel(1);
-        let (batch_tx, mut batch_rx) = mpsc::channel(8);
-        let stage = tokio::spawn(run(chunk_rx, batch_tx, 1_000, Duration::from_millis(20)));
+        let (chunk_tx, chunk_rx) = queue::channel("t", 1, 1 << 20);
+        let (batch_tx, mut batch_rx) = queue::channel("t", 8, 1 << 20);
+        let stage = tokio::spawn(run(
+            chunk_rx,
+            batch_tx,
+            1_000,
+            1 << 20,
+            Duration::from_millis(20),
+        ));
         let chunk = DecodedChunk {
             events: vec![ev(7)],
             ..DecodedChunk::default()
         };
-        chunk_tx.send(chunk).await.unwrap();
+        assert!(chunk_tx.send(chunk).await.is_ok());
         // The input stays open: only the age limit can send it.
         let b = tokio::time::timeout(Duration::from_secs(10), batch_rx.recv())
             .await

@@ -6,13 +6,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
+use super::queue;
 use super::stats::{ChunkCounts, Stats};
 use super::PipelineError;
 use crate::firehose::fixture::RawFrame;
 use crate::firehose::frame::{self, FrameError};
-use crate::firehose::{Event, EventKind};
+use crate::firehose::{CommitLimits, Event, EventKind};
 
 /// Decode jobs in flight: one per core of the 2-core target machine.
 pub const DECODE_PARALLELISM: usize = 2;
@@ -41,25 +41,35 @@ impl LoggedReasons {
             tracing::warn!(reason, error = %err, "skipping malformed frame (further frames with this reason are only counted)");
         }
     }
+
+    /// Logs the first commit of a run skipped for `reason` (a limit of §3); later ones are
+    /// only counted.
+    fn log_over_limit_once(&self, reason: &'static str, seq: i64, did: &str) {
+        let mut logged = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.insert(reason) {
+            tracing::warn!(reason, seq, did, "skipping a commit over a decode limit; its repo is marked for resync (further commits with this reason are only counted)");
+        }
+    }
 }
 
 /// Runs until the raw input ends or the next stage is gone. A decode job that panics is an
 /// error: the stage stops there, and what was decoded before it is still written.
 pub(super) async fn run(
-    raw_rx: mpsc::Receiver<Vec<RawFrame>>,
-    dec_tx: mpsc::Sender<DecodedChunk>,
+    raw_rx: queue::Receiver<Vec<RawFrame>>,
+    dec_tx: queue::Sender<DecodedChunk>,
     stats: Arc<Stats>,
+    limits: CommitLimits,
     logged: Arc<LoggedReasons>,
 ) -> Result<(), PipelineError> {
     run_with(raw_rx, dec_tx, stats, move |frames| {
-        decode_chunk(frames, &logged)
+        decode_chunk(frames, &limits, &logged)
     })
     .await
 }
 
 async fn run_with<F>(
-    raw_rx: mpsc::Receiver<Vec<RawFrame>>,
-    dec_tx: mpsc::Sender<DecodedChunk>,
+    raw_rx: queue::Receiver<Vec<RawFrame>>,
+    dec_tx: queue::Sender<DecodedChunk>,
     stats: Arc<Stats>,
     decode: F,
 ) -> Result<(), PipelineError>
@@ -90,8 +100,13 @@ where
     Ok(())
 }
 
-/// Decodes `frames`, skipping and counting bad ones (logged once per reason in `logged`).
-pub(crate) fn decode_chunk(frames: Vec<RawFrame>, logged: &LoggedReasons) -> DecodedChunk {
+/// Decodes `frames` holding commits to `limits`, skipping and counting bad ones (logged once
+/// per reason in `logged`).
+pub(crate) fn decode_chunk(
+    frames: Vec<RawFrame>,
+    limits: &CommitLimits,
+    logged: &LoggedReasons,
+) -> DecodedChunk {
     let started = std::time::Instant::now();
     let mut out = DecodedChunk {
         events: Vec::with_capacity(frames.len()),
@@ -100,7 +115,7 @@ pub(crate) fn decode_chunk(frames: Vec<RawFrame>, logged: &LoggedReasons) -> Dec
     for raw in frames {
         out.counts.tally.frames += 1;
         let result = match raw {
-            RawFrame::Message(m) => frame::decode(&m),
+            RawFrame::Message(m) => frame::decode_with(&m, limits),
             RawFrame::Oversized { len } => Err(FrameError::Oversized(len)),
         };
         match result {
@@ -108,6 +123,11 @@ pub(crate) fn decode_chunk(frames: Vec<RawFrame>, logged: &LoggedReasons) -> Dec
                 out.counts.tally.add_event(&d);
                 match &d.event.kind {
                     EventKind::Commit(c) if c.too_big => out.counts.too_big += 1,
+                    EventKind::Commit(c) => {
+                        if let Some(over) = c.over_limit {
+                            logged.log_over_limit_once(over.reason(), d.event.seq, &c.repo);
+                        }
+                    }
                     EventKind::Info { name, message } => {
                         tracing::warn!(name = %name, message = ?message, "relay sent #info");
                     }
@@ -164,9 +184,9 @@ mod tests {
         // Two pipelines in one process: each run owns its set.
         let (first, second) = (LoggedReasons::default(), LoggedReasons::default());
         let skipped = tracing::subscriber::with_default(subscriber, || {
-            let a = decode_chunk(oversized(2), &first);
-            let a_again = decode_chunk(oversized(2), &first);
-            let b = decode_chunk(oversized(2), &second);
+            let a = decode_chunk(oversized(2), &CommitLimits::default(), &first);
+            let a_again = decode_chunk(oversized(2), &CommitLimits::default(), &first);
+            let b = decode_chunk(oversized(2), &CommitLimits::default(), &second);
             [a, a_again, b].map(|c| c.counts.tally.skipped_total())
         });
         assert_eq!(skipped, [2, 2, 2], "every bad frame is counted");
@@ -181,17 +201,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_decode_job_is_an_error_not_the_end_of_the_input() {
-        let (raw_tx, raw_rx) = mpsc::channel(4);
-        let (dec_tx, mut dec_rx) = mpsc::channel(4);
-        raw_tx.send(oversized(1)).await.unwrap();
-        raw_tx.send(oversized(2)).await.unwrap();
-        raw_tx.send(oversized(1)).await.unwrap();
+        let (raw_tx, raw_rx) = queue::channel("t", 4, 1 << 20);
+        let (dec_tx, mut dec_rx) = queue::channel("t", 4, 1 << 20);
+        for n in [1, 2, 1] {
+            assert!(raw_tx.send(oversized(n)).await.is_ok());
+        }
         drop(raw_tx);
         let logged = Arc::new(LoggedReasons::default());
         let result = run_with(raw_rx, dec_tx, Arc::new(Stats::default()), move |frames| {
             // Stands in for a decoder bug hit by one chunk.
             assert!(frames.len() < 2, "decoder bug");
-            decode_chunk(frames, &logged)
+            decode_chunk(frames, &CommitLimits::default(), &logged)
         })
         .await;
         let Err(PipelineError::Task { task, source }) = result else {

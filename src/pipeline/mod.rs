@@ -9,8 +9,11 @@
 //!    │ decoded chunks (4)    skipped, counted, logged once per run
 //!  users     a new DID's events wait in a pending-op map while its  (users.rs)
 //!    │ chunks + low watermark (4)   user is created; off: pass-through
-//!  batcher   a batch per `batch_max_ops` or `batch_max_age`         (batcher.rs)
-//!    │ batches (1)
+//!  batcher   a batch per `batch_max_ops`, its byte share or         (batcher.rs)
+//!    │ batches (1)          `batch_max_age`
+//!
+//!  Every queue is bounded in items (above) and in bytes (its share of the memory budget,
+//!  `crate::budget`, enforced by `queue.rs`).
 //!  write     one transaction per batch, its cursor included         (write.rs → writer)
 //!    └──▶ durable cursor (watch): where the live client resumes
 //! ```
@@ -20,6 +23,7 @@
 
 mod batcher;
 mod decode;
+pub(crate) mod queue;
 mod source;
 pub mod stats;
 pub mod users;
@@ -36,8 +40,10 @@ use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::budget::MemoryBudget;
 use crate::cursor::CursorKey;
 use crate::firehose::fixture::{self, RawFrame};
+use crate::firehose::CommitLimits;
 use crate::identity::{Resolver, UserCreator};
 use crate::txn::{RetryPolicy, TxError};
 use crate::writer::WriteError;
@@ -64,6 +70,10 @@ pub struct PipelineConfig {
     pub batch_max_ops: usize,
     pub batch_max_age: Duration,
     pub max_frame_bytes: usize,
+    /// Sync-spec limits each commit is held to when decoded (§3).
+    pub limits: CommitLimits,
+    /// The memory budget the queues, maps and caches share ([`crate::budget`]).
+    pub budget: MemoryBudget,
     pub cursor: CursorKey,
     /// Retries and time limit of each batch's transaction (§6).
     pub retry: RetryPolicy,
@@ -82,12 +92,22 @@ impl PipelineConfig {
             batch_max_ops: DEFAULT_BATCH_MAX_OPS,
             batch_max_age: DEFAULT_BATCH_MAX_AGE,
             max_frame_bytes: crate::firehose::frame::DEFAULT_MAX_FRAME_BYTES,
+            limits: CommitLimits::default(),
+            budget: MemoryBudget::default(),
             cursor,
             retry: RetryPolicy::default(),
             users: UsersConfig::default(),
             verify_commits: false,
             verify_cache_repos: verify::DEFAULT_VERIFY_CACHE_REPOS,
         }
+    }
+}
+
+impl PipelineConfig {
+    /// Sets the users stage, its identity caches bounded by this config's memory budget.
+    pub fn set_users(&mut self, mut users: UsersConfig) {
+        users.identity.cache_max_bytes = self.budget.identity_caches();
+        self.users = users;
     }
 }
 
@@ -154,16 +174,22 @@ pub async fn run(
         Some(shared) => shared.is_enabled().then_some(shared),
         None => cfg.users.creator()?,
     };
-    let (raw_tx, raw_rx) = mpsc::channel::<Vec<RawFrame>>(RAW_QUEUE_CHUNKS);
-    let (dec_tx, dec_rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(BATCH_QUEUE);
+    let budget = cfg.budget;
+    budget.publish();
+    let (raw_tx, raw_rx) =
+        queue::channel::<Vec<RawFrame>>("raw", RAW_QUEUE_CHUNKS, budget.raw_queue());
+    let (dec_tx, dec_rx) =
+        queue::channel::<DecodedChunk>("decoded", DECODED_QUEUE_CHUNKS, budget.decoded_queue());
+    let (batch_tx, batch_rx) = queue::channel::<Batch>("batches", BATCH_QUEUE, budget.batch());
 
     let source = match input {
         Input::Files(paths) => {
             let cancel = cancel.clone();
             let max = cfg.max_frame_bytes;
+            // A decode job's worth: the raw queue holds `RAW_QUEUE_CHUNKS` of them.
+            let chunk_bytes = budget.raw_queue() / RAW_QUEUE_CHUNKS;
             AbortOnDropHandle::new(tokio::task::spawn_blocking(move || {
-                source::read_files(paths, max, raw_tx, cancel)
+                source::read_files(paths, max, chunk_bytes, raw_tx, cancel)
             }))
         }
         Input::Live(rx) => {
@@ -176,12 +202,13 @@ pub async fn run(
         raw_rx,
         dec_tx,
         stats.clone(),
+        cfg.limits,
         logged,
     )));
     let shared_resolver = creator.as_ref().and_then(|c| c.resolver()).cloned();
     let (users_rx, users) = users::spawn(
         dec_rx,
-        DECODED_QUEUE_CHUNKS,
+        &budget,
         pool.clone(),
         creator,
         &cfg.users,
@@ -194,7 +221,11 @@ pub async fn run(
             Some(shared) => shared,
             None => Arc::new(Resolver::new(cfg.users.identity.clone())?),
         };
-        let (tx, rx) = mpsc::channel::<DecodedChunk>(DECODED_QUEUE_CHUNKS);
+        let (tx, rx) = queue::channel::<DecodedChunk>(
+            "verified",
+            DECODED_QUEUE_CHUNKS,
+            budget.verified_queue(),
+        );
         let stage = verify::VerifyStage::new(
             pool.clone(),
             resolver,
@@ -210,6 +241,7 @@ pub async fn run(
         verified_rx,
         batch_tx,
         cfg.batch_max_ops,
+        budget.batch(),
         cfg.batch_max_age,
     )));
     // Cancelled when this future is dropped: the writer (on a blocking thread, which

@@ -1,5 +1,5 @@
 //! Source stage: raw frames from fixture files or the live relay, handed on in chunks of
-//! [`DECODE_CHUNK_FRAMES`] (a decode job's worth). Stops when cancelled or when the decode
+//! [`DECODE_CHUNK_FRAMES`] or `chunk_bytes` (a decode job's worth). Stops when cancelled or when the decode
 //! stage is gone; what was handed on before is still written.
 
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::queue::{self, Weigh};
 use super::PipelineError;
 use crate::firehose::fixture::{self, FrameReader, RawFrame};
 
@@ -18,7 +19,8 @@ pub const DECODE_CHUNK_FRAMES: usize = 256;
 pub(super) fn read_files(
     paths: Vec<PathBuf>,
     max_frame_bytes: usize,
-    tx: mpsc::Sender<Vec<RawFrame>>,
+    chunk_bytes: usize,
+    tx: queue::Sender<Vec<RawFrame>>,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     for path in paths {
@@ -28,12 +30,16 @@ pub(super) fn read_files(
         };
         let reader = fixture::open(&path).map_err(|e| fail(e.into()))?;
         let mut chunk = Vec::with_capacity(DECODE_CHUNK_FRAMES);
+        let mut bytes = 0usize;
         for frame in FrameReader::new(reader, max_frame_bytes) {
             if cancel.is_cancelled() {
                 return Ok(());
             }
             match frame {
-                Ok(f) => chunk.push(f),
+                Ok(f) => {
+                    bytes += f.bytes();
+                    chunk.push(f);
+                }
                 Err(e) => {
                     // The framing is lost: what was read so far is still written.
                     tracing::error!(path = %path.display(), error = %e, "fixture file ends badly; stopping this file");
@@ -41,7 +47,8 @@ pub(super) fn read_files(
                     break;
                 }
             }
-            if chunk.len() == DECODE_CHUNK_FRAMES {
+            if chunk.len() == DECODE_CHUNK_FRAMES || bytes >= chunk_bytes {
+                bytes = 0;
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(DECODE_CHUNK_FRAMES));
                 if tx.blocking_send(full).is_err() {
                     return Ok(());
@@ -58,7 +65,7 @@ pub(super) fn read_files(
 /// Forwards live WebSocket messages, as many as are queued (up to a chunk) at a time.
 pub(super) async fn read_live(
     mut rx: mpsc::Receiver<Vec<u8>>,
-    tx: mpsc::Sender<Vec<RawFrame>>,
+    tx: queue::Sender<Vec<RawFrame>>,
     cancel: CancellationToken,
 ) -> Result<(), PipelineError> {
     let mut buf = Vec::with_capacity(DECODE_CHUNK_FRAMES);
@@ -70,7 +77,9 @@ pub(super) async fn read_live(
         if n == 0 {
             return Ok(());
         }
-        let chunk = buf.drain(..).map(RawFrame::Message).collect();
+        let chunk: Vec<RawFrame> = buf.drain(..).map(RawFrame::Message).collect();
+        // What the live queue held a moment ago (it is bounded by count × frame limit).
+        metrics::gauge!(crate::metrics::QUEUE_BYTES, "queue" => "live").set(chunk.bytes() as f64);
         if tx.send(chunk).await.is_err() {
             return Ok(());
         }

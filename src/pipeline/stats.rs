@@ -27,6 +27,7 @@ struct Tables {
     events: BTreeMap<&'static str, u64>,
     ops: BTreeMap<(&'static str, String), u64>,
     skipped: BTreeMap<&'static str, u64>,
+    over_limit: BTreeMap<&'static str, u64>,
     invalid: BTreeMap<(String, &'static str), u64>,
     unavailable: BTreeMap<&'static str, u64>,
     inserted: BTreeMap<&'static str, u64>,
@@ -111,6 +112,9 @@ impl Stats {
         for (reason, n) in &t.skipped {
             metrics::counter!(m::FRAMES_MALFORMED_TOTAL, "reason" => *reason).increment(*n);
         }
+        for (reason, n) in &t.over_limit {
+            metrics::counter!(m::COMMITS_OVER_LIMIT_TOTAL, "reason" => *reason).increment(*n);
+        }
         if c.too_big > 0 {
             metrics::counter!(m::COMMITS_TOO_BIG_TOTAL).increment(c.too_big);
         }
@@ -118,6 +122,7 @@ impl Stats {
         add(&mut tables.events, &t.events_by_type);
         add(&mut tables.ops, &t.ops);
         add(&mut tables.skipped, &t.skipped);
+        add(&mut tables.over_limit, &t.over_limit);
     }
 
     /// Merges a committed batch: `applied` is what its transaction did, `flush` the time from
@@ -186,6 +191,11 @@ impl Stats {
     /// Frames skipped for `reason`.
     pub fn skipped(&self, reason: &str) -> u64 {
         self.tables().skipped.get(reason).copied().unwrap_or(0)
+    }
+
+    /// Commits skipped for breaking a decode limit, for `reason`.
+    pub fn over_limit(&self, reason: &str) -> u64 {
+        self.tables().over_limit.get(reason).copied().unwrap_or(0)
     }
 
     pub fn skipped_total(&self) -> u64 {
@@ -287,6 +297,14 @@ impl Stats {
             &mut s,
             "frames skipped by reason",
             t.skipped.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        );
+        line(
+            &mut s,
+            "commits over a decode limit (skipped, repo marked for resync)",
+            t.over_limit
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
         );
         line(
             &mut s,

@@ -19,7 +19,7 @@
 //! Desynchronization marks are written at once (`repos::desynchronize`), before the cursor
 //! can pass the event that caused them, so a crash never forgets them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,9 +28,9 @@ use cid::Cid;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lru::LruCache;
-use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::{DecodedChunk, PipelineError};
+use super::{queue, DecodedChunk, PipelineError};
 use crate::firehose::{Event, EventKind};
 use crate::identity::Resolver;
 use crate::metrics as m;
@@ -43,6 +43,8 @@ use crate::sync::{verify_commit, verify_sync, PublicKey, VerifyError};
 pub const DEFAULT_VERIFY_CACHE_REPOS: usize = 100_000;
 /// Estimated bytes of one cache entry (DID, rev, two CIDs, key, LRU links).
 const ENTRY_BYTES: usize = 256;
+/// Chunks verifying at once (one per core of the 2-core target machine).
+const VERIFY_DEPTH: usize = 2;
 /// DID documents fetched at once for keys missing from the cache and `actors`.
 const KEY_FETCHES: usize = 16;
 /// Counted reason of a repo whose signing key could not be found.
@@ -146,6 +148,13 @@ pub(super) struct VerifyStage {
     stats: Arc<VerifyStats>,
 }
 
+/// A chunk verified on a blocking thread: its events (taken out of it) and their checks.
+struct Verifying {
+    chunk: DecodedChunk,
+    events: Vec<Event>,
+    checks: Vec<Check>,
+}
+
 /// The result of verifying one event on the blocking thread.
 enum Check {
     /// Not a commit or `#sync`, or a `tooBig` commit (the writer marks those).
@@ -176,26 +185,54 @@ impl VerifyStage {
     /// Runs until the input ends or the next stage is gone.
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<DecodedChunk>,
-        tx: mpsc::Sender<DecodedChunk>,
+        mut rx: queue::Receiver<DecodedChunk>,
+        tx: queue::Sender<DecodedChunk>,
     ) -> Result<(), PipelineError> {
-        while let Some(chunk) = rx.recv().await {
-            let chunk = self.chunk(chunk).await?;
-            metrics::gauge!(m::VERIFY_CACHE_REPOS).set(self.repos.len() as f64);
-            metrics::gauge!(m::VERIFY_CACHE_BYTES).set((self.repos.len() * ENTRY_BYTES) as f64);
-            if tx.send(chunk).await.is_err() {
-                return Ok(());
+        // Up to `VERIFY_DEPTH` chunks verify at once on blocking threads while the next one's
+        // heads and keys load; they are finished (continuity, marks) and handed on in order.
+        let mut inflight: VecDeque<JoinHandle<Verifying>> = VecDeque::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                done = async {
+                    match inflight.front_mut() {
+                        Some(job) => job.await,
+                        None => std::future::pending().await,
+                    }
+                }, if !inflight.is_empty() => {
+                    inflight.pop_front();
+                    let verifying = done.map_err(|source| PipelineError::Task {
+                        task: "verify job",
+                        source,
+                    })?;
+                    let chunk = self.finish(verifying).await?;
+                    metrics::gauge!(m::VERIFY_CACHE_REPOS).set(self.repos.len() as f64);
+                    metrics::gauge!(m::VERIFY_CACHE_BYTES)
+                        .set((self.repos.len() * ENTRY_BYTES) as f64);
+                    if tx.send(chunk).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                next = rx.recv(), if open && inflight.len() < VERIFY_DEPTH => match next {
+                    Some(chunk) => inflight.push_back(self.start(chunk).await?),
+                    None => open = false,
+                },
+                else => return Ok(()),
             }
         }
-        Ok(())
     }
 
-    async fn chunk(&mut self, mut chunk: DecodedChunk) -> Result<DecodedChunk, PipelineError> {
+    /// Loads the heads and keys `chunk` needs and starts verifying it on a blocking thread.
+    async fn start(
+        &mut self,
+        mut chunk: DecodedChunk,
+    ) -> Result<JoinHandle<Verifying>, PipelineError> {
         let dids: Vec<String> = {
             let mut set = HashSet::new();
             for ev in &chunk.events {
                 match &ev.kind {
-                    EventKind::Commit(c) if !c.too_big => set.insert(c.repo.clone()),
+                    EventKind::Commit(c) if c.readable() => set.insert(c.repo.clone()),
                     EventKind::Sync(s) => set.insert(s.did.clone()),
                     _ => false,
                 };
@@ -213,16 +250,24 @@ impl VerifyStage {
             })
             .collect();
         let events = std::mem::take(&mut chunk.events);
-        let (events, checks) = tokio::task::spawn_blocking(move || {
+        Ok(tokio::task::spawn_blocking(move || {
             let checks: Vec<Check> = events.iter().map(|ev| check(ev, &keys)).collect();
-            (events, checks)
-        })
-        .await
-        .map_err(|source| PipelineError::Task {
-            task: "verify job",
-            source,
-        })?;
+            Verifying {
+                chunk,
+                events,
+                checks,
+            }
+        }))
+    }
 
+    /// Walks a verified chunk in seq order: rechecks bad signatures, checks continuity,
+    /// writes the desynchronization marks, and returns what goes on.
+    async fn finish(&mut self, verifying: Verifying) -> Result<DecodedChunk, PipelineError> {
+        let Verifying {
+            mut chunk,
+            events,
+            checks,
+        } = verifying;
         let mut marks: Vec<(String, &'static str)> = Vec::new();
         let mut out = Vec::with_capacity(events.len());
         for (mut ev, check) in events.into_iter().zip(checks) {
@@ -472,7 +517,7 @@ async fn fetch_key(resolver: &Resolver, did: &str) -> Option<PublicKey> {
 /// Verifies one event with its repo's key (pure; runs on a blocking thread).
 fn check(ev: &Event, keys: &HashMap<String, PublicKey>) -> Check {
     match &ev.kind {
-        EventKind::Commit(c) if !c.too_big => match keys.get(&c.repo) {
+        EventKind::Commit(c) if c.readable() => match keys.get(&c.repo) {
             None => Check::NoKey,
             Some(key) => match verify_commit(c, key) {
                 Ok(v) => Check::Ok { data: v.data },
@@ -487,5 +532,93 @@ fn check(ev: &Event, keys: &HashMap<String, PublicKey>) -> Check {
             },
         },
         _ => Check::Pass,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firehose::event::Commit;
+
+    fn cid(n: u8) -> Cid {
+        crate::sync::mst::cid_for(&[n])
+    }
+
+    fn commit(rev: &str, since: Option<&str>, prev_data: Option<Cid>) -> Commit {
+        Commit {
+            repo: "did:plc:x".into(),
+            rev: rev.into(),
+            since: since.map(str::to_owned),
+            commit: cid(0),
+            prev_data,
+            time: String::new(),
+            too_big: false,
+            ops: Vec::new(),
+            blocks: Vec::new(),
+            over_limit: None,
+            records_bytes: 0,
+            data: None,
+        }
+    }
+
+    fn head(rev: &str, data: Option<Cid>) -> Repo {
+        Repo {
+            rev: Some(rev.into()),
+            data,
+            synchronized: true,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn a_commit_applies_only_on_top_of_the_stored_head() {
+        let mut repo = head("3b", Some(cid(1)));
+        let next = commit("3c", Some("3b"), Some(cid(1)));
+        assert_eq!(continues(&mut repo, &next, cid(2)), Continuity::Applies);
+        assert_eq!((repo.rev.as_deref(), repo.data), (Some("3c"), Some(cid(2))));
+        // The same commit again is a replay; an older one too.
+        assert_eq!(continues(&mut repo, &next, cid(2)), Continuity::Replayed);
+        let older = commit("3a", None, None);
+        assert_eq!(continues(&mut repo, &older, cid(9)), Continuity::Replayed);
+        // A commit after one we never saw: `since` or `prevData` is not the head.
+        let skipped_since = commit("3e", Some("3d"), Some(cid(2)));
+        assert_eq!(
+            continues(&mut repo, &skipped_since, cid(4)),
+            Continuity::Broken
+        );
+        let other_tree = commit("3e", Some("3c"), Some(cid(7)));
+        assert_eq!(
+            continues(&mut repo, &other_tree, cid(4)),
+            Continuity::Broken
+        );
+        assert_eq!(
+            repo.rev.as_deref(),
+            Some("3c"),
+            "a broken commit moves nothing"
+        );
+    }
+
+    #[test]
+    fn unknown_repos_start_their_chain_and_desynchronized_ones_wait() {
+        let mut fresh = Repo {
+            synchronized: true,
+            ..Repo::default()
+        };
+        let first = commit("3a", Some("2z"), Some(cid(1)));
+        assert_eq!(continues(&mut fresh, &first, cid(2)), Continuity::Applies);
+        // A head stored without its MST root (verification was off): the rev decides.
+        let mut unverified = head("3a", None);
+        let next = commit("3b", Some("3a"), Some(cid(5)));
+        assert_eq!(
+            continues(&mut unverified, &next, cid(6)),
+            Continuity::Applies
+        );
+        let mut waiting = head("3a", Some(cid(2)));
+        waiting.synchronized = false;
+        let next = commit("3b", Some("3a"), Some(cid(2)));
+        assert_eq!(
+            continues(&mut waiting, &next, cid(3)),
+            Continuity::AwaitsResync
+        );
     }
 }

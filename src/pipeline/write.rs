@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::batcher::Batch;
@@ -31,7 +31,10 @@ pub(super) struct WriteStage {
 
 impl WriteStage {
     /// Writes batches until the input ends, a batch fails for good, or `abort` fires.
-    pub(super) async fn run(self, mut rx: mpsc::Receiver<Batch>) -> Result<(), PipelineError> {
+    pub(super) async fn run(
+        self,
+        mut rx: super::queue::Receiver<Batch>,
+    ) -> Result<(), PipelineError> {
         let Self {
             pool,
             cursor,

@@ -270,6 +270,8 @@ mod tests {
             too_big: false,
             ops,
             blocks: Vec::new(),
+            over_limit: None,
+            records_bytes: 0,
             data: None,
         }
     }

@@ -4,7 +4,8 @@
 //! rev is not newer than the repo's last fully applied rev is already applied and skipped
 //! (that makes replays of any range a no-op); a deleted account's records are purged and its
 //! later commits ignored; a commit with ops we could not read (missing blocks, `tooBig`)
-//! applies what it can, does not advance the repo's rev, and marks the repo for resync.
+//! applies what it can, does not advance the repo's rev, and marks the repo for resync; a
+//! commit over a decode limit applies nothing and marks the repo with that limit's reason.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -103,6 +104,10 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) ->
                     plan.stats.commits_of_deleted_accounts += 1;
                 } else if st.rev.as_deref().is_some_and(|r| r >= c.rev.as_str()) {
                     plan.stats.commits_already_applied += 1;
+                } else if let Some(over) = c.over_limit {
+                    // §3: skipped whole (it carries no ops); its repo needs a resync.
+                    let upd = plan.actors.entry(c.repo.clone()).or_default();
+                    upd.resync.get_or_insert(over.reason());
                 } else {
                     let outcome = apply_commit(&mut plan, ev.seq, c);
                     plan.stats.commits_applied += 1;

@@ -283,3 +283,37 @@ fn dashboard_covers_the_operator_views_and_its_queries_are_valid_promql() {
         "{out}"
     );
 }
+
+/// The systemd unit's memory limits match the default memory budget: `MemoryHigh` at least the
+/// budget, `MemoryMax` above it; the env example names the budget with its default.
+#[test]
+fn the_unit_memory_limits_match_the_memory_budget() {
+    use atproto_ingest::budget::DEFAULT_MEMORY_BUDGET_MB;
+    let unit = read("systemd/atproto-ingest.service");
+    let bytes = |key: &str| -> u64 {
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} not set in the unit"));
+        let (n, unit) = line.split_at(line.len() - 1);
+        let mult = match unit {
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            other => panic!("{key}: unexpected suffix {other}"),
+        };
+        n.parse::<u64>().unwrap() * mult
+    };
+    let (high, max) = (bytes("MemoryHigh"), bytes("MemoryMax"));
+    let budget = DEFAULT_MEMORY_BUDGET_MB * 1_000_000;
+    assert!(
+        high >= budget && high < budget * 11 / 10,
+        "MemoryHigh {high} vs budget {budget}"
+    );
+    assert!(max > high && max <= budget * 3 / 2, "MemoryMax {max}");
+    let env = read("systemd/env.example");
+    assert!(
+        env.contains(&format!("MEMORY_BUDGET_MB={DEFAULT_MEMORY_BUDGET_MB}")),
+        "env.example must name the budget"
+    );
+}

@@ -18,6 +18,7 @@ mod http;
 mod identity;
 mod jobs;
 mod leader;
+mod limits;
 mod live;
 mod malformed;
 mod netguard;

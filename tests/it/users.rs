@@ -167,6 +167,7 @@ async fn resolving_replay_equals_truth_and_fills_identities(pool: sqlx::PgPool) 
     let roomy = PendingConfig {
         max_dids: 1000,
         max_ops_per_did: 10_000,
+        ..PendingConfig::default()
     };
     let c = users_cfg(&server, PERMITS, Duration::from_secs(5), roomy);
     let stats = run_replay(&pool, cfg(c)).await;
@@ -249,6 +250,7 @@ async fn tiny_bounds_and_a_slow_plc_still_equal_the_truth(pool: sqlx::PgPool) {
         pending: PendingConfig {
             max_dids: 5,
             max_ops_per_did: 4,
+            ..PendingConfig::default()
         },
         ..UsersConfig::resolving(identity.clone())
     };
@@ -327,6 +329,7 @@ async fn slow_or_failing_dids_never_stall_the_others(pool: sqlx::PgPool) {
         PendingConfig {
             max_dids: 1000,
             max_ops_per_did: 10_000,
+            ..PendingConfig::default()
         },
     );
     let stats = Arc::new(Stats::default());
@@ -387,6 +390,7 @@ async fn killed_while_ops_are_pending_loses_nothing(pool: sqlx::PgPool) {
     let pending = PendingConfig {
         max_dids: 1000,
         max_ops_per_did: 10_000,
+        ..PendingConfig::default()
     };
     let c = users_cfg(&server, 4, Duration::from_secs(60), pending);
 
@@ -473,6 +477,7 @@ async fn dropping_the_pipeline_stops_user_creations_in_flight(pool: sqlx::PgPool
         PendingConfig {
             max_dids: 1000,
             max_ops_per_did: 10_000,
+            ..PendingConfig::default()
         },
     );
     let stats = Arc::new(Stats::default());

@@ -244,3 +244,81 @@ async fn forged_and_missing_commits_store_nothing_forged_and_desynchronize(pool:
     }
     assert_eq!(states.len(), 3, "only the broken repos: {states:?}");
 }
+
+#[sqlx::test(migrations = false)]
+async fn without_keys_nothing_is_trusted_and_every_repo_waits_for_a_resync(pool: sqlx::PgPool) {
+    // A PLC directory that is not there: no key can be had.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let net = StandIn::snap().await;
+    let mut cfg = verifying(&net);
+    cfg.users.identity.plc_url = format!("http://{closed}");
+    cfg.users.identity.timeout = std::time::Duration::from_millis(500);
+    let frames: Vec<Vec<u8>> = snap_frames().into_iter().take(600).collect();
+    let stats = replay_frames(&pool, &frames, cfg).await;
+    assert_eq!(stats.verify.verified.load(Ordering::Relaxed), 0);
+    let rejected = stats.verify.rejected_by_reason();
+    assert_eq!(
+        rejected.keys().copied().collect::<Vec<_>>(),
+        ["key_unavailable"]
+    );
+    let stored: usize = common::stored(&pool)
+        .await
+        .values()
+        .map(BTreeSet::len)
+        .sum();
+    assert_eq!(stored, 0, "nothing unverified is written");
+    let (states, queued) = broken(&pool).await;
+    assert!(!states.is_empty());
+    assert!(states.values().all(|s| *s
+        == (
+            "desynchronized".to_owned(),
+            Some("key_unavailable".to_owned())
+        )));
+    assert_eq!(queued, states.keys().cloned().collect());
+}
+
+/// `run` as deployed: identities resolved by the users stage, commits verified with the keys
+/// of the same resolver, live from the test relay serving `snap.frames`.
+#[sqlx::test(migrations = false)]
+async fn live_run_verifies_with_the_users_stage_resolver(pool: sqlx::PgPool) {
+    use crate::live_common::{self, app_config, service, wait_cursor};
+    use atproto_ingest::pipeline::UsersConfig;
+    use atproto_ingest::testrelay::{TestRelay, TestRelayConfig};
+
+    let net = StandIn::snap().await;
+    let relay = TestRelay::from_file(&common::fixture("snap.frames"), TestRelayConfig::default())
+        .await
+        .unwrap();
+    let last = reframe::Frame::parse(snap_frames().last().unwrap()).seq();
+    let prefix = live_common::prefix("verify");
+    let mut cfg = app_config(&pool, &relay, &prefix);
+    cfg.pipeline.users = UsersConfig::resolving(net.identity_config());
+    cfg.pipeline.verify_commits = true;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(atproto_ingest::app::run(cfg, shutdown.clone()));
+    wait_cursor(
+        &pool,
+        &service(&relay),
+        last,
+        std::time::Duration::from_secs(90),
+    )
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    common::assert_matches_truth(&pool, &common::truth("snap")).await;
+    let (states, queued) = broken(&pool).await;
+    assert!(
+        states.is_empty() && queued.is_empty(),
+        "{states:?} {queued:?}"
+    );
+    let verified_heads: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM actors WHERE repo_data IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(verified_heads >= 45, "{verified_heads}");
+    live_common::cleanup(&prefix).await;
+}

@@ -187,6 +187,7 @@ impl UsersArgs {
             pending: PendingConfig {
                 max_dids,
                 max_ops_per_did: max_ops,
+                ..PendingConfig::default()
             },
             known_dids: DEFAULT_KNOWN_DIDS,
         })

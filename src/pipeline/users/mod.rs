@@ -34,15 +34,15 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use lru::LruCache;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{DecodedChunk, Stats};
+use super::{queue, DecodedChunk, Stats};
+use crate::budget::MemoryBudget;
 use crate::identity::{IdentityError, UserCreator};
-use crate::pending::{PendingError, PendingOps};
+use crate::pending::{PendingConfig, PendingError, PendingOps};
 pub use config::{
     UsersArgs, UsersConfig, DEFAULT_KNOWN_DIDS, DEFAULT_RESOLVE_IDENTITIES_REPLAY,
     DEFAULT_RESOLVE_IDENTITIES_RUN, DEFAULT_RESOLVE_TIMEOUT_MS,
@@ -133,19 +133,23 @@ impl Default for UsersStats {
 /// Aborting the returned task stops everything the stage started (creations, resolutions in
 /// flight, the scheduler); the pipeline holds it in an `AbortOnDropHandle`.
 pub(crate) fn spawn(
-    rx: mpsc::Receiver<DecodedChunk>,
-    queue: usize,
+    rx: queue::Receiver<DecodedChunk>,
+    budget: &MemoryBudget,
     pool: Pool,
     creator: Option<UserCreator>,
     cfg: &UsersConfig,
     cancel: CancellationToken,
     stats: Arc<Stats>,
-) -> Result<(mpsc::Receiver<DecodedChunk>, JoinHandle<()>), UsersError> {
-    let (tx, out) = mpsc::channel(queue);
+) -> Result<(queue::Receiver<DecodedChunk>, JoinHandle<()>), UsersError> {
+    let (tx, out) = queue::channel("users", super::DECODED_QUEUE_CHUNKS, budget.users_queue());
     let Some(creator) = creator else {
         return Ok((out, tokio::spawn(pass_through(rx, tx))));
     };
-    let pending = PendingOps::new(cfg.pending)?;
+    // The budget decides the byte bound of the map (its other bounds are flags).
+    let pending = PendingOps::new(PendingConfig {
+        max_bytes: budget.pending(),
+        ..cfg.pending
+    })?;
     let known = NonZeroUsize::new(cfg.known_dids).ok_or(UsersError::Invalid {
         flag: "known-DID set size",
         value: "0".into(),
@@ -163,7 +167,7 @@ pub(crate) fn spawn(
         pool,
         creator,
         pending,
-        known: LruCache::new(known),
+        known: stage::KnownDids::new(known, budget.known_dids()),
         done_tx,
         db_permits: Arc::new(Semaphore::new(DB_CONCURRENCY)),
         sched_tx,
@@ -179,7 +183,7 @@ pub(crate) fn spawn(
     Ok((out, task))
 }
 
-async fn pass_through(mut rx: mpsc::Receiver<DecodedChunk>, tx: mpsc::Sender<DecodedChunk>) {
+async fn pass_through(mut rx: queue::Receiver<DecodedChunk>, tx: queue::Sender<DecodedChunk>) {
     while let Some(chunk) = rx.recv().await {
         if tx.send(chunk).await.is_err() {
             return;

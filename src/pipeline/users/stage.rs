@@ -18,6 +18,7 @@ use crate::firehose::{Event, EventKind};
 use crate::identity::UserCreator;
 use crate::metrics as m;
 use crate::pending::{DidOps, PendingOps, PushOutcome};
+use crate::pipeline::queue;
 use crate::pipeline::{DecodedChunk, Stats};
 
 /// Background `#identity` refreshes in flight; beyond it refreshes are scheduled in the DB.
@@ -34,7 +35,7 @@ pub(super) struct Stage {
     pool: Pool,
     creator: UserCreator,
     pending: PendingOps<Event>,
-    known: LruCache<String, ()>,
+    known: KnownDids,
     in_flight: HashMap<String, Flight>,
     /// Every creation and refresh task started (bounded by the pending map's DIDs plus
     /// [`MAX_REFRESHES`]); finished ones are reaped each turn of the loop, the rest are
@@ -58,7 +59,7 @@ pub(super) struct Parts {
     pub(super) pool: Pool,
     pub(super) creator: UserCreator,
     pub(super) pending: PendingOps<Event>,
-    pub(super) known: LruCache<String, ()>,
+    pub(super) known: KnownDids,
     pub(super) done_tx: mpsc::Sender<Done>,
     pub(super) db_permits: Arc<Semaphore>,
     pub(super) sched_tx: mpsc::Sender<String>,
@@ -88,9 +89,9 @@ impl Stage {
 
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<DecodedChunk>,
+        mut rx: queue::Receiver<DecodedChunk>,
         mut done_rx: mpsc::Receiver<Done>,
-        tx: mpsc::Sender<DecodedChunk>,
+        tx: queue::Sender<DecodedChunk>,
         cancel: CancellationToken,
     ) {
         loop {
@@ -321,8 +322,7 @@ impl Stage {
     }
 
     fn mark_known(&mut self, did: String) {
-        self.known.put(did, ());
-        metrics::gauge!(m::USERS_KNOWN_DIDS).set(self.known.len() as f64);
+        self.known.put(did);
     }
 
     /// Highest S such that every event received with seq ≤ S has been forwarded.
@@ -346,7 +346,7 @@ impl Stage {
     }
 
     /// Sends what is ready downstream with the watermark; false when downstream is gone.
-    async fn flush(&mut self, tx: &mpsc::Sender<DecodedChunk>) -> bool {
+    async fn flush(&mut self, tx: &queue::Sender<DecodedChunk>) -> bool {
         metrics::gauge!(m::USERS_QUEUE_DEPTH, "queue" => "done").set(depth(&self.done_tx));
         metrics::gauge!(m::USERS_QUEUE_DEPTH, "queue" => "schedule").set(depth(&self.sched_tx));
         for did in self.to_schedule.drain(..) {
@@ -372,7 +372,93 @@ impl Stage {
     }
 }
 
+/// What one DID of the known-DID set costs besides its bytes (the `String`, the LRU node and
+/// its hash slot).
+const KNOWN_DID_OVERHEAD_BYTES: usize = 96;
+
+/// DIDs known to have an actor row: an LRU set bounded in entries and in bytes (a `did:web`
+/// may be long), with its gauges.
+pub(super) struct KnownDids {
+    lru: LruCache<String, ()>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl KnownDids {
+    pub(super) fn new(max_dids: std::num::NonZeroUsize, max_bytes: usize) -> Self {
+        Self {
+            lru: LruCache::new(max_dids),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn weight(did: &str) -> usize {
+        did.len() + KNOWN_DID_OVERHEAD_BYTES
+    }
+
+    /// Whether `did` is known (marks it recently used).
+    pub(super) fn get(&mut self, did: &str) -> Option<&()> {
+        self.lru.get(did)
+    }
+
+    pub(super) fn contains(&self, did: &str) -> bool {
+        self.lru.contains(did)
+    }
+
+    /// Remembers `did`, forgetting the least recently used DIDs past either bound.
+    pub(super) fn put(&mut self, did: String) {
+        let weight = Self::weight(&did);
+        match self.lru.push(did, ()) {
+            // Already known: nothing changes.
+            Some((old, ())) if self.lru.contains(&old) => {}
+            Some((evicted, ())) => {
+                self.bytes = self.bytes.saturating_sub(Self::weight(&evicted)) + weight;
+            }
+            None => self.bytes += weight,
+        }
+        while self.bytes > self.max_bytes {
+            let Some((evicted, ())) = self.lru.pop_lru() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(Self::weight(&evicted));
+        }
+        metrics::gauge!(m::USERS_KNOWN_DIDS).set(self.lru.len() as f64);
+        metrics::gauge!(m::USERS_KNOWN_DIDS_BYTES).set(self.bytes as f64);
+    }
+}
+
 /// Items waiting in a bounded channel, for its gauge.
 fn depth<T>(s: &mpsc::Sender<T>) -> f64 {
     s.max_capacity().saturating_sub(s.capacity()) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_dids_are_bounded_in_entries_and_bytes() {
+        let max = std::num::NonZeroUsize::new(3).unwrap();
+        let w = KnownDids::weight("did:plc:aaaa");
+        let mut k = KnownDids::new(max, 2 * w);
+        k.put("did:plc:aaaa".into());
+        k.put("did:plc:aaaa".into());
+        assert_eq!(k.bytes, w);
+        k.put("did:plc:bbbb".into());
+        k.put("did:plc:cccc".into());
+        // The byte bound holds two: the least recently used went.
+        assert_eq!(k.bytes, 2 * w);
+        assert!(!k.contains("did:plc:aaaa") && k.contains("did:plc:cccc"));
+        let mut k = KnownDids::new(max, usize::MAX);
+        for d in [
+            "did:plc:aaaa",
+            "did:plc:bbbb",
+            "did:plc:cccc",
+            "did:plc:dddd",
+        ] {
+            k.put(d.into());
+        }
+        assert_eq!((k.lru.len(), k.bytes), (3, 3 * w));
+    }
 }
