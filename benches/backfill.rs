@@ -4,14 +4,14 @@
 //!
 //! `cargo bench --bench backfill` — network from `BFBENCH_NETWORK` (default
 //! `../shared/fixtures/firehose/bfbench.network`), database from `BENCH_DATABASE_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench_backfill`, dropped and recreated),
-//! workers from `RESYNC_CONCURRENCY` (default 4).
+//! `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`, dropped and recreated, dropped
+//! again at the end), workers from `RESYNC_CONCURRENCY` (default 4).
 
-#[allow(dead_code)]
+mod common;
 #[path = "../tests/it/common/standin.rs"]
 mod standin;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,10 +25,7 @@ use tokio_util::sync::CancellationToken;
 fn network() -> Option<PathBuf> {
     let dir = std::env::var("BFBENCH_NETWORK")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/fixtures/firehose/bfbench.network")
-        });
+        .unwrap_or_else(|_| common::shared("bfbench.network"));
     if !dir.join("repos.json").exists() {
         eprintln!("bench network {} not found; skipping", dir.display());
         return None;
@@ -36,22 +33,10 @@ fn network() -> Option<PathBuf> {
     Some(dir)
 }
 
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let Some(dir) = network() else { return };
-    let url = std::env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| {
-        "postgres://postgres@127.0.0.1:5432/atproto_ingest_bench_backfill".into()
-    });
+    let url = common::database_url();
     let concurrency: usize = std::env::var("RESYNC_CONCURRENCY")
         .ok()
         .and_then(|c| c.parse().ok())
@@ -63,15 +48,7 @@ fn main() {
     rt.block_on(async move {
         let mut db = DbConfig::new(url.clone());
         db.pool_size = concurrency + 2;
-        let name = db.database().expect("database name");
-        let mut admin = DbConfig::new(url.clone()).pg_config().expect("url");
-        admin.dbname("postgres");
-        let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect");
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await
-            .expect("drop bench database");
+        common::drop_database(&url).await;
         atproto_ingest::db::prepare(&db).await.expect("create and migrate");
         let pool = atproto_ingest::db::connect(&db).await.expect("pool");
 
@@ -104,14 +81,11 @@ fn main() {
             report.inactive,
             report.failed.len(),
             records as f64 / secs,
-            peak_rss_mb(),
+            common::peak_rss_mb(),
         );
         for (did, reason) in report.failed.iter().take(5) {
             println!("  failed {did}: {reason}");
         }
-        client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await
-            .expect("drop bench database");
+        common::drop_database(&url).await;
     });
 }

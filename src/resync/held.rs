@@ -18,12 +18,13 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::firehose::{Event, EventKind};
+use crate::budget::Weigh;
+use crate::firehose::Event;
 use crate::metrics as m;
 
 /// Default total bound in events: a few minutes of a busy relay's traffic for repos in resync.
 pub const DEFAULT_MAX_EVENTS: usize = 100_000;
-/// Default total bound in bytes (estimated, [`event_bytes`]).
+/// Default total bound in bytes (as the pipeline's queues weigh events, [`Weigh`]).
 pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Default bound per repo: one very active account cannot take the whole store.
 pub const DEFAULT_MAX_EVENTS_PER_REPO: usize = 10_000;
@@ -85,23 +86,6 @@ pub struct Held {
     inner: Mutex<Inner>,
 }
 
-/// Estimated memory of a held event: its blocks (raw and decoded) and per-op strings.
-pub fn event_bytes(e: &Event) -> usize {
-    let base = std::mem::size_of::<Event>();
-    match &e.kind {
-        EventKind::Commit(c) => {
-            let ops: usize = c
-                .ops
-                .iter()
-                .map(|o| 128 + o.collection.len() + o.rkey.len())
-                .sum();
-            base + 2 * c.blocks.len() + ops + c.repo.len() + c.rev.len()
-        }
-        EventKind::Sync(s) => base + s.blocks.len() + s.did.len(),
-        _ => base + 128,
-    }
-}
-
 impl Held {
     pub fn new(limits: HeldLimits) -> Self {
         Self {
@@ -122,7 +106,7 @@ impl Held {
         let Some(did) = event.kind.did().map(str::to_owned) else {
             return Err(Overflow);
         };
-        let size = event_bytes(&event);
+        let size = event.bytes();
         let mut inner = self.lock();
         let inner = &mut *inner;
         let repo = inner.repos.entry(did).or_default();
@@ -184,7 +168,7 @@ impl Held {
             return Finish::Done;
         };
         let n = applied.min(repo.events.len());
-        let dropped: usize = repo.events.drain(..n).map(|e| event_bytes(&e)).sum();
+        let dropped: usize = repo.events.drain(..n).map(|e| e.bytes()).sum();
         repo.bytes -= dropped;
         inner.events -= n;
         inner.bytes -= dropped;
@@ -220,6 +204,7 @@ fn publish(inner: &Inner) {
 mod tests {
     use super::*;
     use crate::firehose::event::Identity;
+    use crate::firehose::EventKind;
 
     fn ev(seq: i64, did: &str) -> Event {
         Event {

@@ -45,6 +45,7 @@ pub async fn apply_repo(
     let mut stored = stored_cids(tx, &repo.did).await?;
     applied.timed("repo_read", t0);
     let mut ops = Vec::new();
+    let mut records_bytes = 0;
     for r in &repo.records {
         let uri = format!("at://{}/{}/{}", repo.did, r.collection, r.rkey);
         let cid = r.cid.to_string();
@@ -56,6 +57,7 @@ pub async fn apply_repo(
             Some(_) => Action::Update,
             None => Action::Create,
         };
+        records_bytes += r.bytes.len();
         let record = match record::decode(&r.collection, &r.rkey, r.bytes) {
             Ok(Decoded::Known(k)) => OpRecord::Known(k),
             Ok(Decoded::Generic(v)) => OpRecord::Generic(v),
@@ -117,6 +119,8 @@ pub async fn apply_repo(
             ops,
             blocks: Vec::new(),
             data: Some(repo.data),
+            over_limit: None,
+            records_bytes,
         }),
     };
     let state = HashMap::from([(

@@ -14,7 +14,8 @@
 //! Hooks: [`StandIn::fail`] makes one DID's `getRepo` answer a status, stall or vanish;
 //! [`StandIn::requests`] counts requests per endpoint and DID; [`StandIn::set_page_limit`] caps
 //! listRepos pages. [`StandIn::identity_config`] points identity resolution here.
-//! Shared by the integration tests and `benches/backfill.rs` (included by path).
+//! Shared by the integration tests and the benchmarks (included by path).
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
