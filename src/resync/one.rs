@@ -164,18 +164,21 @@ async fn write_repo(
     fence: Option<&CursorKey>,
 ) -> Result<TxOutcome, WriteError> {
     let did = repo.did.as_str();
-    tx.execute(
-        "INSERT INTO actors (did) VALUES ($1) ON CONFLICT (did) DO NOTHING",
-        &[&did],
-    )
-    .await?;
-    // The actor row is the repo's lock: the live writer and other resyncs wait on it.
-    let row = tx
-        .query_one(
-            "SELECT status, rev FROM actors WHERE did = $1 FOR UPDATE",
-            &[&did],
-        )
+    // Safe without waiting for the WAL flush: everything the resync does, its leaving the
+    // queue included, is in this transaction, so a commit lost in a server crash leaves the
+    // repo queued and it is simply resynced again; and any later synchronous commit (the
+    // batch that moves the cursor past held events) flushes this one first.
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
         .await?;
+    let insert = tx
+        .prepare_cached("INSERT INTO actors (did) VALUES ($1) ON CONFLICT (did) DO NOTHING")
+        .await?;
+    tx.execute(&insert, &[&did]).await?;
+    // The actor row is the repo's lock: the live writer and other resyncs wait on it.
+    let lock = tx
+        .prepare_cached("SELECT status, rev FROM actors WHERE did = $1 FOR UPDATE")
+        .await?;
+    let row = tx.query_one(&lock, &[&did]).await?;
     let status: String = row.try_get(0)?;
     let stored_rev: Option<String> = row.try_get(1)?;
     if status == "deleted" {
