@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::app::{self, AppError, RunOptions};
+use crate::dead_letters::{self, DeadLettersCmdError, DeadLettersOptions};
 use crate::inspect::{self, End, InspectError, InspectOptions};
 use crate::record::{self, RecordError, RecordOptions};
 use crate::replay::{self, MigrateOptions, ReplayError, ReplayOptions};
@@ -68,6 +69,9 @@ pub enum Command {
     Backfill(Box<BackfillOptions>),
     /// Print the durable cursors and the leader lease (holder, fence, progress, lag), then exit.
     Status(StatusOptions),
+    /// List the events set aside in `dead_letters` because PostgreSQL refused them, or apply
+    /// them again after a fix (`retry --id N` or `retry --all`).
+    DeadLetters(DeadLettersOptions),
 }
 
 /// Why a subcommand failed; each variant is one subcommand's own error.
@@ -85,6 +89,8 @@ pub enum CommandError {
     Backfill(#[from] BackfillCommandError),
     #[error(transparent)]
     Status(#[from] StatusError),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLettersCmdError),
     #[error("inspect {path}: {source}")]
     Inspect {
         path: PathBuf,
@@ -110,6 +116,10 @@ impl Command {
             Command::Status(opts) => {
                 block_on(status::status_command(&opts, &mut io::stdout().lock()))
             }
+            Command::DeadLetters(opts) => block_on(dead_letters::dead_letters_command(
+                &opts,
+                &mut io::stdout().lock(),
+            )),
         }
     }
 }
@@ -273,6 +283,52 @@ mod tests {
             !dbg.contains("pgsecret") && !dbg.contains("redissecret"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn parses_dead_letters_flags() {
+        let cli =
+            Cli::try_parse_from(["atproto-ingest", "dead-letters", "retry", "--id", "3"]).unwrap();
+        let Command::DeadLetters(o) = cli.command else {
+            panic!("not dead-letters")
+        };
+        assert!(matches!(
+            o.action,
+            dead_letters::DeadLettersAction::Retry {
+                id: Some(3),
+                all: false,
+                ..
+            }
+        ));
+        for bad in [
+            &["dead-letters", "retry"][..],
+            &["dead-letters", "retry", "--id", "3", "--all"],
+        ] {
+            let args = std::iter::once("atproto-ingest").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "atproto-ingest",
+            "dead-letters",
+            "list",
+            "--json",
+            "--database-url",
+            "postgres://u:pgsecret@h/db",
+        ])
+        .unwrap();
+        let Command::DeadLetters(o) = cli.command else {
+            panic!("not dead-letters")
+        };
+        assert!(!format!("{o:?}").contains("pgsecret"), "{o:?}");
+        assert!(matches!(
+            o.action,
+            dead_letters::DeadLettersAction::List {
+                json: true,
+                limit: 100,
+                id: None,
+                ..
+            }
+        ));
     }
 
     /// Every variable in `systemd/env.example` is one the daemon reads (a misspelt name would

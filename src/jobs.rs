@@ -6,7 +6,9 @@
 //! - Cleanup (§8, [`run`]): expired sessions and expired OAuth states, deleted in bounded
 //!   batches (one short autocommit statement each, no long table locks).
 //! - Re-resolution (§5, [`run_reresolve`]): stub actors whose retry time has passed get their
-//!   identity resolved again, a bounded batch per run.
+//!   identity resolved again, a bounded batch per run. An identity that will never resolve
+//!   (tombstoned DID, unsupported method) is marked (`next_resolve_at = infinity`) and not
+//!   retried again.
 
 use std::time::{Duration, Instant};
 
@@ -216,6 +218,8 @@ pub struct ReresolveRun {
     pub resolved: usize,
     /// Still unresolved (retry rescheduled with backoff).
     pub stubs: usize,
+    /// Will never resolve (tombstoned DID, unsupported method): marked, never retried.
+    pub given_up: usize,
 }
 
 /// One run of the re-resolution job: up to `limit` actors whose `next_resolve_at` has passed
@@ -256,7 +260,9 @@ pub async fn reresolve_once(
         store::store_creation(&client, creation)
             .await
             .map_err(db_err)?;
-        if creation.is_stub() {
+        if creation.is_given_up() {
+            run.given_up += 1;
+        } else if creation.is_stub() {
             run.stubs += 1;
         } else {
             run.resolved += 1;
@@ -265,6 +271,8 @@ pub async fn reresolve_once(
     metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "resolved")
         .increment(run.resolved as u64);
     metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "stub").increment(run.stubs as u64);
+    metrics::counter!(m::RERESOLVE_ACTORS_TOTAL, "result" => "given_up")
+        .increment(run.given_up as u64);
     Ok(run)
 }
 
@@ -302,6 +310,7 @@ pub async fn run_reresolve(
                     due = run.due,
                     resolved = run.resolved,
                     unresolved = run.stubs,
+                    given_up = run.given_up,
                     "re-resolved stub users"
                 );
             }

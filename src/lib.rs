@@ -37,7 +37,8 @@
 //! - [`app`]: `run`, the daemon (leader election, live pipeline, operations tasks);
 //!   [`tasks`]: the named-task registry every long-lived task is spawned through;
 //!   [`signals`]: SIGTERM/SIGINT for `run`, `replay` and `record`; [`status`]: cursors and
-//!   lease for operators.
+//!   lease for operators; [`dead_letters`]: `dead-letters list|retry`, the events PostgreSQL
+//!   refused (§6).
 //!
 //! Operations:
 //! - [`pool_monitor`]: pool utilization samples, warnings, gauges.
@@ -52,6 +53,7 @@ pub mod cli;
 pub mod config;
 pub mod cursor;
 pub mod db;
+pub mod dead_letters;
 pub mod firehose;
 pub mod http;
 pub mod identity;

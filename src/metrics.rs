@@ -100,6 +100,10 @@ metrics! {
     pub(crate) COMMITS_OVER_LIMIT_TOTAL: Counter["reason"] =
         "atproto_ingest_commits_over_limit_total",
         "Commits skipped for breaking a decode limit (repo needs a resync), by reason.";
+    /// The run's per-collection tables keep at most `stats::MAX_COLLECTIONS` collections apart.
+    pub(crate) STATS_COLLECTIONS_FOLDED_TOTAL: Counter[] =
+        "atproto_ingest_stats_collections_folded_total",
+        "Ops and invalid records of collections past the run tables' bound, counted under (other).";
 
     // --- Relay client (§3) ---
     pub(crate) RELAY_CONNECTED: Gauge[] =
@@ -123,6 +127,9 @@ metrics! {
     /// `kind`: `skip`, `backward`, `outdated_cursor`.
     pub(crate) RELAY_SEQ_GAPS_TOTAL: Counter["kind"] =
         "atproto_ingest_relay_seq_gaps_total", "Relay seq discontinuities, by kind.";
+    /// `result`: `held` (a seq far beyond the last one), then `confirmed` or `dropped`.
+    pub(crate) RELAY_SEQ_JUMPS_TOTAL: Counter["result"] =
+        "atproto_ingest_relay_seq_jumps_total", "Relay seqs far beyond the last one, held until the next frame confirms them, by result.";
 
     // --- Progress and lag (§4, §9) ---
     pub CURSOR_SEQ: Gauge[] = "atproto_ingest_cursor_seq", "Durable cursor (last committed seq).";
@@ -187,7 +194,8 @@ metrics! {
         "atproto_ingest_users_db_errors_total", "Database errors of the users stage, by op.";
     pub(crate) RERESOLVE_RUNS_TOTAL: Counter[] =
         "atproto_ingest_reresolve_runs_total", "Identity re-resolution job runs.";
-    /// `result`: `resolved`, `stub`.
+    /// `result`: `resolved`, `stub` (retried with backoff), `given_up` (tombstoned DID or
+    /// unsupported method: marked, never retried by the job).
     pub(crate) RERESOLVE_ACTORS_TOTAL: Counter["result"] =
         "atproto_ingest_reresolve_actors_total", "Actors re-resolved by the job, by result.";
 
@@ -238,9 +246,17 @@ metrics! {
     pub(crate) DB_RETRIES_TOTAL: Counter["sqlstate"] =
         "atproto_ingest_db_retries_total", "Transaction retries, by SQLSTATE or cause.";
     /// `reason`: `deadlock`, `serialization`, `statement_timeout`, `connection`, `pool`,
-    /// `tx_timeout`, `permanent`, `cancelled`.
+    /// `tx_timeout`, `data` (a data error: the batch is split, §6), `permanent`, `cancelled`.
     pub(crate) DB_TX_FAILURES_TOTAL: Counter["reason"] =
         "atproto_ingest_db_tx_failures_total", "Transactions that failed for good, by reason.";
+    /// `kind`: `nul_text`, `nul_json`, `long_reference`, `time_out_of_range` (§6).
+    pub SANITIZED_TOTAL: Counter["kind"] =
+        "atproto_ingest_sanitized_total",
+        "Values changed so PostgreSQL can store them (record stored sanitized), by kind.";
+    /// `class`: the SQLSTATE class of the error (`22`, `23`, `54`).
+    pub DEAD_LETTERS_TOTAL: Counter["class"] =
+        "atproto_ingest_dead_letters_total",
+        "Events set aside in dead_letters after a data error isolated them, by SQLSTATE class.";
     /// Query cancelled, rolled back.
     pub(crate) DB_TX_TIMEOUTS_TOTAL: Counter[] =
         "atproto_ingest_db_tx_timeouts_total",

@@ -13,7 +13,10 @@
 //!   next user of that connection; the server rolls back), and the attempt counts as one
 //!   retryable failure. Set [`RetryPolicy::retry_on_timeout`] to `false` to fail at once.
 //!
-//! Everything else (constraint violations, syntax errors, …) fails on the first attempt. The
+//! Everything else (constraint violations, syntax errors, …) fails on the first attempt. Of
+//! those, a *data error* ([`TxError::is_data_error`]: SQLSTATE class `22`, `23` or `54`) is
+//! caused by what the batch contains, not by the database: the write stage then splits the
+//! batch to set the offending event aside (§6) instead of stopping. The
 //! loop and the backoff are the crate's one retry helper, [`crate::retry`]; this module only
 //! sorts failures into transient and permanent.
 //! A connection lost *during COMMIT* leaves the outcome unknown; the retry re-runs the body,
@@ -123,6 +126,12 @@ impl<E: StdError + 'static> TxError<E> {
             | Self::Pool { attempts, .. }
             | Self::Cancelled { attempts } => *attempts,
         }
+    }
+
+    /// Whether the transaction failed because of the data it wrote ([`is_data_sqlstate`]):
+    /// never retried as it is, never a reason to stop the pipeline (§6).
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, Self::Permanent { .. }) && self.sqlstate().is_some_and(is_data_sqlstate)
     }
 
     /// The SQLSTATE of the last database error, if there was one.
@@ -327,6 +336,7 @@ fn m_counter(name: &'static str) {
 fn reason_of<E: StdError + 'static>(e: &TxError<E>) -> &'static str {
     match e {
         TxError::RetriesExhausted { reason, .. } => reason,
+        TxError::Permanent { .. } if e.is_data_error() => "data",
         TxError::Permanent { .. } => "permanent",
         TxError::TimedOut { .. } => "tx_timeout",
         TxError::Pool { .. } => "pool",
@@ -344,6 +354,18 @@ pub fn find_pg_error<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a tokio_po
         cur = c.source();
     }
     None
+}
+
+/// SQLSTATE classes of errors a batch's data causes: `22` data exception (U+0000 in text, a
+/// value out of range, …), `23` integrity constraint violation (the writer's statements expect
+/// none: every insert is `ON CONFLICT`), `54` program limit exceeded (an index row too large).
+pub const DATA_ERROR_CLASSES: [&str; 3] = ["22", "23", "54"];
+
+/// Whether `sqlstate` is in one of the [`DATA_ERROR_CLASSES`].
+pub fn is_data_sqlstate(sqlstate: &str) -> bool {
+    DATA_ERROR_CLASSES
+        .iter()
+        .any(|class| sqlstate.len() == 5 && sqlstate.starts_with(class))
 }
 
 /// `Some(reason)` when the error is worth retrying, with the reason used in metrics and logs.
@@ -413,6 +435,20 @@ mod tests {
                     "{retry}: {d}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn data_errors_are_classes_22_23_54() {
+        for s in [
+            "22021", "22P05", "22008", "23514", "23505", "54000", "54001",
+        ] {
+            assert!(is_data_sqlstate(s), "{s}");
+        }
+        for s in [
+            "40P01", "40001", "57014", "08006", "42P01", "XX000", "22", "",
+        ] {
+            assert!(!is_data_sqlstate(s), "{s}");
         }
     }
 

@@ -105,6 +105,9 @@ pub struct AppConfig {
     pub backfill: bool,
     /// Where the backfill enumerates repos; `None`: the relay.
     pub backfill_url: Option<String>,
+    /// The first start's resume point when no cursor is stored (`Some(0)`: the oldest event
+    /// the relay has); `None`: the live tail. Ignored once a cursor is stored (§4).
+    pub start_cursor: Option<i64>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -132,6 +135,7 @@ impl std::fmt::Debug for AppConfig {
                 "backfill_url",
                 &self.backfill_url.as_deref().map(redact_url),
             )
+            .field("start_cursor", &self.start_cursor)
             .finish()
     }
 }
@@ -155,6 +159,7 @@ impl AppConfig {
             resync: None,
             backfill: false,
             backfill_url: None,
+            start_cursor: None,
         }
     }
 }

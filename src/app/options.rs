@@ -105,6 +105,11 @@ pub struct RunOptions {
     /// Where `--backfill` enumerates repos (`listRepos`); default: the relay.
     #[arg(long, env = "BACKFILL_URL", value_name = "URL", hide_env_values = true)]
     pub backfill_url: Option<String>,
+    /// Where a first start begins when this relay has no stored cursor: resume after seq N
+    /// (`0`: from the oldest event the relay still has). Without it a first start reads the
+    /// live tail. Made durable at once; ignored (and logged) once a cursor is stored.
+    #[arg(long, env = "START_CURSOR", value_name = "N")]
+    pub start_cursor: Option<i64>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -228,6 +233,15 @@ impl RunOptions {
             "must be at least 1",
             self.cleanup_batch,
         )?;
+        if let Some(n) = self.start_cursor {
+            check(
+                n >= 0,
+                "--start-cursor",
+                "START_CURSOR",
+                "must be at least 0 (0: the oldest event the relay has)",
+                n,
+            )?;
+        }
         let relay = ClientConfig {
             relay_url: self.relay_url.clone(),
             max_message_bytes: pipeline.max_frame_bytes,
@@ -274,6 +288,7 @@ impl RunOptions {
             )?;
         }
         cfg.backfill_url = self.backfill_url.clone();
+        cfg.start_cursor = self.start_cursor;
         Ok(cfg)
     }
 }

@@ -58,6 +58,16 @@ fn is_fenced(e: &AppError) -> bool {
 pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<i64>) -> TermEnd {
     let cfg = ctx.cfg;
     let shutdown = ctx.shutdown;
+    let mut pcfg = cfg.pipeline.clone();
+    pcfg.cursor = CursorKey {
+        service: ctx.service.to_owned(),
+        fence: leadership.fence,
+    };
+    let resume = match anchor::start_point(ctx.pool, &pcfg.cursor, resume, cfg.start_cursor).await {
+        Ok(r) => r,
+        Err(e) if is_fenced(&e) => return TermEnd::Fenced,
+        Err(e) => return TermEnd::Failed(e),
+    };
     let mut tasks: Tasks<AppError> = Tasks::new(shutdown.child_token());
     let term = tasks.token().clone();
     let (cursor_tx, cursor_rx) = watch::channel(resume);
@@ -68,11 +78,6 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
         .budget
         .live_queue_frames(cfg.pipeline.max_frame_bytes);
     let (frames_tx, frames_rx) = mpsc::channel(frame_queue);
-    let mut pcfg = cfg.pipeline.clone();
-    pcfg.cursor = CursorKey {
-        service: ctx.service.to_owned(),
-        fence: leadership.fence,
-    };
     let client_run = client::run_reporting(
         cfg.relay.clone(),
         ctx.seen_seq.clone(),

@@ -40,6 +40,12 @@ pub enum FrameError {
     UnknownType(String),
     #[error("commit blocks: {0}")]
     Car(String),
+    #[error("event DID {0:?} is not a DID")]
+    BadDid(String),
+    #[error("rev {0:?} is not a TID")]
+    BadRev(String),
+    #[error("rev {0:?} is more than 5 minutes in the future")]
+    FutureRev(String),
 }
 
 impl FrameError {
@@ -55,6 +61,9 @@ impl FrameError {
             Self::UnknownOp(_) => "unknown_op",
             Self::UnknownType(_) => "unknown_type",
             Self::Car(_) => "bad_car",
+            Self::BadDid(_) => "bad_did",
+            Self::BadRev(_) => "bad_rev",
+            Self::FutureRev(_) => "future_rev",
         }
     }
 }
@@ -270,6 +279,7 @@ pub fn decode_with(msg: &[u8], limits: &CommitLimits) -> Result<DecodedFrame, Fr
         },
         op => return Err(FrameError::UnknownOp(op)),
     };
+    super::sanity::check(&event, super::sanity::now_micros())?;
     Ok(DecodedFrame {
         event,
         non_canonical,

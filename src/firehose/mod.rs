@@ -9,6 +9,7 @@ pub mod fixture;
 pub mod frame;
 pub mod limits;
 pub mod record;
+pub mod sanity;
 pub mod syntax;
 
 pub use event::{Action, Event, EventKind, OpRecord, RecordOp};

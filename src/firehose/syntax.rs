@@ -27,6 +27,22 @@ pub fn is_tid(s: &str) -> bool {
     s.parse::<Tid>().is_ok()
 }
 
+/// The timestamp of a TID (µs since the Unix epoch): its top 53 bits after the zero bit.
+/// `None` when `s` is not a TID.
+pub fn tid_micros(s: &str) -> Option<i64> {
+    const ALPHABET: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+    if !is_tid(s) {
+        return None;
+    }
+    // 13 base32-sortable digits; the first is below 16, so the value fits in 64 bits.
+    let mut v: u64 = 0;
+    for b in s.bytes() {
+        let digit = ALPHABET.iter().position(|c| *c == b)?;
+        v = (v << 5) | digit as u64;
+    }
+    i64::try_from(v >> 10).ok()
+}
+
 /// CID string syntax as the atproto spec defines it (8–256 chars of `[a-zA-Z0-9+=]`, no CIDv0
 /// `Qmb…`); whether it decodes to a CID is a separate, stricter question (`cid::Cid::from_str`).
 pub fn is_cid_syntax(s: &str) -> bool {
@@ -136,6 +152,16 @@ mod tests {
     #[test]
     fn interop_tid() {
         check("tid", is_tid);
+    }
+    #[test]
+    fn a_tid_gives_back_its_time() {
+        use atrium_api::types::LimitedU32;
+        let t = chrono::DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap();
+        for clock in [0u32, 1023] {
+            let tid = Tid::from_datetime(LimitedU32::try_from(clock).unwrap(), t);
+            assert_eq!(tid_micros(tid.as_str()), Some(t.timestamp_micros()));
+        }
+        assert_eq!(tid_micros("not-a-tid"), None);
     }
     #[test]
     fn interop_cid() {

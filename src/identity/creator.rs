@@ -55,6 +55,17 @@ impl Creation {
     pub fn is_stub(&self) -> bool {
         matches!(self, Self::Stub { .. })
     }
+
+    /// A stub whose identity will never resolve ([`IdentityError::is_final`]): not retried.
+    pub fn is_given_up(&self) -> bool {
+        matches!(
+            self,
+            Self::Stub {
+                reason: StubReason::Failed(e),
+                ..
+            } if e.is_final()
+        )
+    }
 }
 
 /// Creates users: at most `concurrency` resolutions at once, waiting callers park on the

@@ -105,6 +105,16 @@ impl IdentityError {
         }
     }
 
+    /// Whether retrying is pointless for good: a DID that is not a DID, of a method we do
+    /// not resolve, or tombstoned in its directory (HTTP 410). The actor is marked and the
+    /// re-resolution job never tries it again; only a new `#identity` event for it does.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidDid(_) | Self::UnsupportedDid(_) | Self::NotFound { status: 410, .. }
+        )
+    }
+
     /// Whether retrying soon is pointless (the answer will not change without a new event).
     pub fn is_permanent(&self) -> bool {
         matches!(

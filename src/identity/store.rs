@@ -20,6 +20,12 @@ const STORE_RESOLVED: &str = "UPDATE actors SET handle = $2, handle_valid = $3, 
 const STORE_FAILURE: &str = "UPDATE actors SET resolve_failures = $2, \
      next_resolve_at = now() + make_interval(secs => $3) WHERE did = $1";
 
+/// An identity that will never resolve (tombstoned, unsupported method): `next_resolve_at` is
+/// set to `infinity`, so the re-resolution job never picks it again and no stub release
+/// re-schedules it (only a NULL is re-scheduled); an `#identity` event still refreshes it.
+const STORE_GIVEN_UP: &str = "UPDATE actors SET resolve_failures = $2, \
+     next_resolve_at = 'infinity' WHERE did = $1";
+
 /// Stub users (and refreshes that could not run now) get a resolution scheduled, unless one
 /// already is (a failed resolution's backoff is kept).
 const SCHEDULE_ACTOR: &str = "INSERT INTO actors (did, next_resolve_at) VALUES ($1, now()) \
@@ -66,6 +72,10 @@ pub(crate) async fn store_creation(
     match creation {
         Creation::Resolved(identity) => {
             store_resolved(&***client, identity).await?;
+        }
+        Creation::Stub { did, failures, .. } if creation.is_given_up() => {
+            let failures = i32::try_from(*failures).unwrap_or(i32::MAX);
+            client.execute(STORE_GIVEN_UP, &[did, &failures]).await?;
         }
         Creation::Stub {
             did,

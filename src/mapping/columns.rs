@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::Meta;
+use super::{Fixes, Meta};
 
 /// A column's SQL type (bound as an array of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,11 @@ pub(crate) const META: [Col; 4] = [
 ];
 
 impl Meta {
+    /// The record's own `uri` and `did` are its keys and stay as they are (see `sanitize`).
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        f.time(&mut self.created_at);
+    }
+
     /// The values of [`META`].
     pub(crate) fn values(&self) -> [Val<'_>; 4] {
         [

@@ -3,7 +3,7 @@
 use atrium_api::app::bsky::feed::{generator, postgate, threadgate};
 
 use super::columns::{json, opt_text, text, Col, Val};
-use super::Meta;
+use super::{Fixes, Meta};
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FeedGeneratorRow {
@@ -21,6 +21,13 @@ pub(crate) const GENERATOR: &[Col] = &[
 ];
 
 impl FeedGeneratorRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.reference(&mut self.feed_did);
+        f.text(&mut self.display_name);
+        f.opt_text(&mut self.description);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![
             text(&self.feed_did),
@@ -44,6 +51,12 @@ pub(crate) const THREADGATE: &[Col] = &[Col::text("post_uri"), Col::json("allow"
 pub(crate) const POSTGATE: &[Col] = &[Col::text("post_uri"), Col::json("rules")];
 
 impl GateRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.reference(&mut self.post_uri);
+        f.opt_json(&mut self.rules);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![text(&self.post_uri), json(&self.rules)]
     }

@@ -3,7 +3,7 @@
 use atrium_api::app::bsky::graph::{list, listitem, starterpack};
 
 use super::columns::{opt_text, text, Col, Val};
-use super::Meta;
+use super::{Fixes, Meta};
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ListRow {
@@ -21,6 +21,13 @@ pub(crate) const LIST: &[Col] = &[
 ];
 
 impl ListRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.text(&mut self.name);
+        f.text(&mut self.purpose);
+        f.opt_text(&mut self.description);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![
             text(&self.name),
@@ -41,6 +48,12 @@ pub(crate) struct ListItemRow {
 pub(crate) const LIST_ITEM: &[Col] = &[Col::text("list_uri"), Col::text("subject_did")];
 
 impl ListItemRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.reference(&mut self.list_uri);
+        f.reference(&mut self.subject_did);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![text(&self.list_uri), text(&self.subject_did)]
     }
@@ -62,6 +75,13 @@ pub(crate) const STARTER_PACK: &[Col] = &[
 ];
 
 impl StarterPackRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.text(&mut self.name);
+        f.reference(&mut self.list_uri);
+        f.opt_text(&mut self.description);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![
             text(&self.name),

@@ -3,7 +3,7 @@
 use atrium_api::com::atproto::repo::strong_ref;
 
 use super::columns::{text, Col, Val};
-use super::Meta;
+use super::{Fixes, Meta};
 
 /// `likes` / `reposts`.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +17,12 @@ pub(crate) struct SubjectRefRow {
 pub(crate) const SUBJECT_REF: &[Col] = &[Col::text("subject_uri"), Col::text("subject_cid")];
 
 impl SubjectRefRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.reference(&mut self.subject_uri);
+        f.text(&mut self.subject_cid);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![text(&self.subject_uri), text(&self.subject_cid)]
     }
@@ -33,6 +39,11 @@ pub(crate) struct SubjectDidRow {
 pub(crate) const SUBJECT_DID: &[Col] = &[Col::text("subject_did")];
 
 impl SubjectDidRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.reference(&mut self.subject_did);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![text(&self.subject_did)]
     }

@@ -11,6 +11,7 @@ mod lexicon;
 mod posts;
 mod profile;
 mod registry;
+pub mod sanitize;
 
 use chrono::{DateTime, Utc};
 
@@ -21,7 +22,8 @@ pub(crate) use columns::{Col, Ty, Val, META};
 #[cfg(test)]
 pub(crate) use interactions::SubjectDidRow;
 pub use registry::KnownRecord;
-pub(crate) use registry::{decode_known, is_known, known, Row, Table};
+pub(crate) use registry::{decode_known, is_known, known, known_from_json, Row, Table};
+pub use sanitize::{Fix, Fixes};
 
 /// What every row carries.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +50,12 @@ impl GenericRow {
         Col::text("rkey"),
         Col::json("value"),
     ];
+
+    /// §6: the raw JSON is kept (jsonb is not indexed), without U+0000.
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.json(&mut self.value);
+    }
 
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![

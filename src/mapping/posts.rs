@@ -3,7 +3,7 @@
 use atrium_api::app::bsky::feed::post::RecordData;
 
 use super::columns::{json as json_val, opt_text, text, Col, Val};
-use super::{json, Meta, Origin};
+use super::{json, Fixes, Meta, Origin};
 use crate::firehose::record::{mentioned_dids, quoted_uri};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +71,24 @@ pub(crate) const COLUMNS: &[Col] = &[
 ];
 
 impl PostRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.text(&mut self.text);
+        f.opt_reference(&mut self.reply_root_uri);
+        f.opt_text(&mut self.reply_root_cid);
+        f.opt_reference(&mut self.reply_parent_uri);
+        f.opt_text(&mut self.reply_parent_cid);
+        f.opt_reference(&mut self.quote_uri);
+        f.opt_text(&mut self.quote_cid);
+        f.opt_json(&mut self.embed);
+        f.opt_text(&mut self.langs);
+        f.opt_json(&mut self.facets);
+        f.time(&mut self.commit_time);
+        for did in &mut self.mentions {
+            f.reference(did);
+        }
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![
             text(&self.text),

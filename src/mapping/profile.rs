@@ -4,7 +4,7 @@ use atrium_api::app::bsky::actor::profile::RecordData;
 use atrium_api::types::BlobRef;
 
 use super::columns::{opt_text, Col, Val};
-use super::Meta;
+use super::{Fixes, Meta};
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ProfileRow {
@@ -34,6 +34,14 @@ pub(crate) const COLUMNS: &[Col] = &[
 ];
 
 impl ProfileRow {
+    pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+        self.meta.sanitize(f);
+        f.opt_text(&mut self.display_name);
+        f.opt_text(&mut self.description);
+        f.opt_text(&mut self.avatar_cid);
+        f.opt_text(&mut self.banner_cid);
+    }
+
     pub(crate) fn values(&self) -> Vec<Val<'_>> {
         vec![
             opt_text(&self.display_name),

@@ -16,8 +16,9 @@ use super::interactions::{self, SubjectDidRow, SubjectRefRow};
 use super::lexicon::{self, Check};
 use super::posts::{self, PostRow};
 use super::profile::{self, ProfileRow};
-use super::{GenericRow, Meta, Origin};
+use super::{Fixes, GenericRow, Meta, Origin};
 use crate::firehose::record::Rejection;
+use serde::Deserialize;
 
 type Datetime = atrium_api::types::string::Datetime;
 
@@ -130,6 +131,14 @@ macro_rules! collections {
                 }
             }
 
+            /// Makes every value storable (§6, [`super::sanitize`]), counting the changes.
+            pub(crate) fn sanitize(&mut self, f: &mut Fixes) {
+                match self {
+                    $(Row::$variant(r) => r.sanitize(f),)*
+                    Row::Generic(r) => r.sanitize(f),
+                }
+            }
+
             /// The values of [`Table::columns`] of this row's table.
             pub(crate) fn values(&self) -> Vec<Val<'_>> {
                 match self {
@@ -152,6 +161,27 @@ macro_rules! collections {
                     check(&r, rkey)?;
                     Ok(KnownRecord::$variant(r))
                 })),)*
+                _ => None,
+            }
+        }
+
+        /// A known record from its JSON form (as `dead_letters` keeps it), lexicon-checked
+        /// again; `None` for every other collection.
+        pub(crate) fn known_from_json(
+            collection: &str,
+            rkey: &str,
+            value: &serde_json::Value,
+        ) -> Option<Result<KnownRecord, Rejection>> {
+            match collection {
+                $($nsid => Some(
+                    <$record>::deserialize(value)
+                        .map_err(|e| Rejection::new("schema", e.to_string()))
+                        .and_then(|r| {
+                            let check: Check<$record> = $check;
+                            check(&r, rkey)?;
+                            Ok(KnownRecord::$variant(r))
+                        }),
+                ),)*
                 _ => None,
             }
         }

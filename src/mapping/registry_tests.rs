@@ -139,3 +139,98 @@ fn registry_facts() {
     names.dedup();
     assert_eq!(names.len(), Table::ALL.len());
 }
+
+/// Makes a record's JSON hostile but lexicon-valid: U+0000 in every free-text field, every
+/// AT-URI stretched to 7 KB with a fragment (legal: AT-URIs may have 8 KB).
+fn poison(v: &mut serde_json::Value, key: Option<&str>) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.starts_with("at://") && !s.contains('#') => {
+            s.push_str("#/");
+            while s.len() < 7000 {
+                s.push_str("x9");
+            }
+        }
+        Value::String(s)
+            if matches!(
+                key,
+                Some("text" | "displayName" | "description" | "name" | "title")
+            ) =>
+        {
+            s.insert(0, '\0');
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| poison(i, key)),
+        Value::Object(map) => map.iter_mut().for_each(|(k, i)| poison(i, Some(k))),
+        _ => {}
+    }
+}
+
+/// Every table's row, from a real record of the fixture made hostile ([`poison`]), is storable
+/// once sanitized: no U+0000 in any text or JSON cell, no text cell over the index limit. A
+/// mapping that forgets a column fails here.
+#[test]
+fn sanitized_rows_of_hostile_records_are_storable() {
+    use super::super::sanitize::{Fix, MAX_INDEXED_BYTES};
+    // (U+0000 in JSON cells: `sanitize`'s own tests and tests/it/hostile_data.rs.)
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/firehose/small.frames"
+    );
+    let reader = fixture::open(std::path::Path::new(path)).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut fixes = Fixes::default();
+    for raw in FrameReader::new(reader, DEFAULT_MAX_FRAME_BYTES) {
+        let RawFrame::Message(msg) = raw.unwrap() else {
+            continue;
+        };
+        let ev = frame::decode(&msg).unwrap().event;
+        let EventKind::Commit(c) = &ev.kind else {
+            continue;
+        };
+        for op in &c.ops {
+            let table = Table::for_collection(&op.collection);
+            let OpRecord::Known(k) = &op.record else {
+                continue;
+            };
+            if seen.contains(&table) {
+                continue;
+            }
+            let mut json = serde_json::to_value(&**k).unwrap();
+            poison(&mut json, None);
+            // A record the poison pushed over a lexicon limit: try the next one.
+            let Some(Ok(hostile)) = known_from_json(&op.collection, &op.rkey, &json) else {
+                continue;
+            };
+            let origin = Origin {
+                did: &c.repo,
+                seq: ev.seq,
+                time: None,
+            };
+            let mut row = known(origin, op.uri(&c.repo), "cid".into(), &hostile);
+            row.sanitize(&mut fixes);
+            let vals: Vec<Val<'_>> = row
+                .meta()
+                .values()
+                .into_iter()
+                .chain(row.values())
+                .collect();
+            for (col, val) in META.iter().chain(table.columns()).zip(vals) {
+                let at = format!("{}.{}", table.name(), col.name);
+                match val {
+                    Val::T(Some(s)) => {
+                        assert!(!s.contains('\0'), "{at}: {s:?}");
+                        assert!(s.len() <= MAX_INDEXED_BYTES, "{at}: {} bytes", s.len());
+                    }
+                    Val::J(Some(j)) => assert!(!j.to_string().contains("\\u0000"), "{at}: {j}"),
+                    _ => {}
+                }
+            }
+            seen.insert(table);
+        }
+    }
+    let known_tables = Table::ALL.iter().filter(|t| t.nsid().is_some()).count();
+    assert_eq!(seen.len(), known_tables, "{seen:?}");
+    for fix in [Fix::NulText, Fix::LongReference] {
+        assert!(fixes.get(fix) > 0, "{fix:?}: {fixes:?}");
+    }
+}

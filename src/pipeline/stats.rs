@@ -33,6 +33,32 @@ struct Tables {
     inserted: BTreeMap<&'static str, u64>,
     deleted: BTreeMap<&'static str, u64>,
     statement_micros: BTreeMap<&'static str, u64>,
+    /// The collections `ops` and `invalid` keep apart, bounded for the whole run.
+    collections: crate::stats::CollectionKeys,
+}
+
+impl Tables {
+    /// Counts `n` ops of `(action, collection)` and `invalid` records by collection, under a
+    /// bounded set of collection keys (the rest fold into one, counted and metered).
+    fn add_collection_counts<'a>(
+        &mut self,
+        ops: impl IntoIterator<Item = (&'a (&'static str, String), &'a u64)>,
+        invalid: impl IntoIterator<Item = (&'a (String, &'static str), &'a u64)>,
+    ) {
+        let before = self.collections.folded;
+        for ((action, coll), n) in ops {
+            let key = self.collections.key(coll);
+            *self.ops.entry((action, key)).or_default() += n;
+        }
+        for ((coll, kind), n) in invalid {
+            let key = self.collections.key(coll);
+            *self.invalid.entry((key, kind)).or_default() += n;
+        }
+        let folded = self.collections.folded - before;
+        if folded > 0 {
+            metrics::counter!(m::STATS_COLLECTIONS_FOLDED_TOTAL).increment(folded);
+        }
+    }
 }
 
 /// Shared by the stages of one run.
@@ -46,6 +72,10 @@ pub struct Stats {
     pub commits_applied: AtomicU64,
     pub commits_already_applied: AtomicU64,
     pub ops_superseded: AtomicU64,
+    /// Values changed so PostgreSQL can store them (§6), all kinds.
+    pub sanitized: AtomicU64,
+    /// Events set aside in `dead_letters` (§6).
+    pub dead_letters: AtomicU64,
     /// Last seq committed with the cursor (-1 before the first batch).
     pub cursor: AtomicI64,
     /// `time` of the last event committed, µs since the Unix epoch (0 before the first one).
@@ -72,6 +102,8 @@ impl Default for Stats {
             commits_applied: AtomicU64::new(0),
             commits_already_applied: AtomicU64::new(0),
             ops_superseded: AtomicU64::new(0),
+            sanitized: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
             cursor: AtomicI64::new(-1),
             last_event_micros: AtomicI64::new(0),
             decode_micros: AtomicU64::new(0),
@@ -118,9 +150,13 @@ impl Stats {
         if c.too_big > 0 {
             metrics::counter!(m::COMMITS_TOO_BIG_TOTAL).increment(c.too_big);
         }
+        if t.collections.folded > 0 {
+            metrics::counter!(m::STATS_COLLECTIONS_FOLDED_TOTAL).increment(t.collections.folded);
+        }
         let mut tables = self.tables();
         add(&mut tables.events, &t.events_by_type);
-        add(&mut tables.ops, &t.ops);
+        tables.collections.folded += t.collections.folded;
+        tables.add_collection_counts(&t.ops, std::iter::empty());
         add(&mut tables.skipped, &t.skipped);
         add(&mut tables.over_limit, &t.over_limit);
     }
@@ -159,6 +195,14 @@ impl Stats {
         for (reason, n) in &applied.stats.unavailable {
             metrics::counter!(m::OPS_UNAVAILABLE_TOTAL, "reason" => *reason).increment(*n);
         }
+        for fix in crate::mapping::Fix::ALL {
+            let n = applied.stats.sanitized.get(fix);
+            if n > 0 {
+                metrics::counter!(m::SANITIZED_TOTAL, "kind" => fix.label()).increment(n);
+            }
+        }
+        self.sanitized
+            .fetch_add(applied.stats.sanitized.total(), Ordering::Relaxed);
         self.events_written
             .fetch_add(events as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
@@ -173,9 +217,7 @@ impl Stats {
             self.cursor.store(seq, Ordering::Relaxed);
         }
         let mut t = self.tables();
-        for ((coll, kind), n) in &s.invalid {
-            *t.invalid.entry((coll.clone(), kind)).or_default() += n;
-        }
+        t.add_collection_counts(std::iter::empty(), &s.invalid);
         for (k, n) in &s.unavailable {
             *t.unavailable.entry(k).or_default() += n;
         }
@@ -200,6 +242,13 @@ impl Stats {
 
     pub fn skipped_total(&self) -> u64 {
         self.tables().skipped.values().sum()
+    }
+
+    /// Distinct collections the run's tables keep apart, and the counts folded into
+    /// [`crate::stats::OTHER_COLLECTIONS`] past [`crate::stats::MAX_COLLECTIONS`].
+    pub fn collections(&self) -> (usize, u64) {
+        let t = self.tables();
+        (t.collections.len(), t.collections.folded)
     }
 
     /// Records rejected by their lexicon, all collections.
@@ -239,6 +288,12 @@ impl Stats {
             self.commits_already_applied.load(Ordering::Relaxed),
             self.ops_superseded.load(Ordering::Relaxed),
             self.non_canonical.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "values sanitized for PostgreSQL: {}, events set aside in dead_letters: {}",
+            self.sanitized.load(Ordering::Relaxed),
+            self.dead_letters.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             s,
@@ -293,6 +348,15 @@ impl Stats {
                 .map(|((a, c), v)| format!("{a} {c}={v}"))
                 .collect(),
         );
+        if t.collections.folded > 0 {
+            let _ = writeln!(
+                s,
+                "ops and records of collections past the first {}, counted as {}: {}",
+                crate::stats::MAX_COLLECTIONS,
+                crate::stats::OTHER_COLLECTIONS,
+                t.collections.folded
+            );
+        }
         line(
             &mut s,
             "frames skipped by reason",
@@ -341,5 +405,37 @@ impl Stats {
             t.deleted.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{Tally, MAX_COLLECTIONS, OTHER_COLLECTIONS};
+
+    #[test]
+    fn the_run_tables_stay_bounded_over_many_chunks() {
+        let stats = Stats::default();
+        for chunk in 0..4 {
+            let mut tally = Tally::default();
+            tally.add_event(&crate::stats::tests::commit_of(200, &format!("c{chunk}-")));
+            stats.add_chunk(&ChunkCounts {
+                tally,
+                ..ChunkCounts::default()
+            });
+        }
+        assert_eq!(
+            stats.collections(),
+            (MAX_COLLECTIONS, 800 - MAX_COLLECTIONS as u64)
+        );
+        let summary = stats.summary();
+        assert!(
+            summary.contains(&format!("counted as {OTHER_COLLECTIONS}: 544")),
+            "{summary}"
+        );
+        assert!(
+            summary.contains(&format!("{OTHER_COLLECTIONS}=544")),
+            "{summary}"
+        );
     }
 }

@@ -1,6 +1,11 @@
 //! Write stage: each batch in its own retrying transaction ([`txn::run_tx`] around
 //! [`writer::apply`]), the cursor committed with its rows; after each commit, the durable
 //! cursor is published to whoever resumes from it (the live client).
+//!
+//! The safety net of §6 ([`write_isolating`]): a batch that fails with a data error
+//! ([`TxError::is_data_error`]) is split in halves, recursively, until each failing event is
+//! alone; that event goes to `dead_letters`, everything else is written, then the batch's
+//! cursor. The pipeline never stops because of what one event contains.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,9 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::batcher::Batch;
 use super::{PipelineError, Stats};
-use crate::cursor::CursorKey;
-use crate::txn::{self, RetryPolicy};
-use crate::writer::{self, WriteError};
+use crate::cursor::{self, CursorKey};
+use crate::firehose::Event;
+use crate::metrics as m;
+use crate::txn::{self, RetryPolicy, TxError};
+use crate::writer::{self, dead_letters, Applied, WriteError};
 
 /// What the write stage needs besides its input.
 pub(super) struct WriteStage {
@@ -53,10 +60,15 @@ impl WriteStage {
                 },
             };
             let started = std::time::Instant::now();
-            let write = txn::run_tx(&pool, &retry, &abort, async |tx| -> Result<_, WriteError> {
-                writer::apply(tx, &batch.events, batch.cursor(), &cursor).await
-            });
-            let applied = tokio::select! {
+            let write = write_isolating(
+                &pool,
+                &retry,
+                &abort,
+                &batch.events,
+                batch.cursor(),
+                &cursor,
+            );
+            let (applied, dead) = tokio::select! {
                 biased;
                 // Dropping the transaction before its commit rolls it back.
                 _ = abort.cancelled() => return Ok(()),
@@ -64,6 +76,7 @@ impl WriteStage {
                     tracing::error!(error = %e, attempts = e.attempts(), "batch failed; stopping without advancing the cursor");
                 })?,
             };
+            stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
             let flush = started.elapsed();
             stats
                 .write_micros
@@ -74,4 +87,109 @@ impl WriteStage {
             }
         }
     }
+}
+
+/// Writes `events` and then `cursor` like one batch; on a data error, splits them until each
+/// failing event is alone and sets it aside in `dead_letters` (see the module docs). Returns
+/// what was applied and how many events were set aside. Sub-batches are written in seq order
+/// without a cursor (each still checks the fence); the cursor follows once all are durable, so
+/// a crash in between replays the batch, and every write is idempotent (§4).
+pub(crate) async fn write_isolating(
+    pool: &Pool,
+    policy: &RetryPolicy,
+    abort: &CancellationToken,
+    events: &[Event],
+    cursor: Option<i64>,
+    key: &CursorKey,
+) -> Result<(Applied, u64), TxError<WriteError>> {
+    let write = async |part: &[Event], cursor: Option<i64>| {
+        txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
+            writer::apply(tx, part, cursor, key).await
+        })
+        .await
+    };
+    let first = match write(events, cursor).await {
+        Ok(applied) => return Ok((applied, 0)),
+        Err(e) if e.is_data_error() => e,
+        Err(e) => return Err(e),
+    };
+    tracing::warn!(
+        events = events.len(),
+        sqlstate = first.sqlstate().unwrap_or_default(),
+        error = %dead_letters::error_text(&first),
+        "batch failed with a data error; splitting it to set the offending events aside"
+    );
+    let mut applied = Applied::default();
+    let mut dead = 0;
+    // Ranges still to write, the next one on top; with the error when that exact range is
+    // already known to fail.
+    let mut todo = vec![(0..events.len(), Some(first))];
+    while let Some((range, failed)) = todo.pop() {
+        let error = match failed {
+            Some(e) => e,
+            None => match write(&events[range.clone()], None).await {
+                Ok(a) => {
+                    applied.merge(a);
+                    continue;
+                }
+                Err(e) if e.is_data_error() => e,
+                Err(e) => return Err(e),
+            },
+        };
+        if range.len() > 1 {
+            let mid = range.start + range.len() / 2;
+            todo.push((mid..range.end, None));
+            todo.push((range.start..mid, None));
+            continue;
+        }
+        let ev = &events[range.start];
+        set_aside(pool, policy, abort, key, ev, &error).await?;
+        dead += 1;
+    }
+    applied.merge(write(&[], cursor).await?);
+    Ok((applied, dead))
+}
+
+/// Stores `ev` in `dead_letters` (fenced like a batch) and counts it.
+async fn set_aside(
+    pool: &Pool,
+    policy: &RetryPolicy,
+    abort: &CancellationToken,
+    key: &CursorKey,
+    ev: &Event,
+    error: &TxError<WriteError>,
+) -> Result<(), TxError<WriteError>> {
+    let sqlstate = error.sqlstate().unwrap_or_default();
+    let text = dead_letters::error_text(error);
+    tracing::error!(
+        seq = ev.seq,
+        did = ev.kind.did().unwrap_or_default(),
+        sqlstate,
+        error = %text,
+        "event set aside in dead_letters: PostgreSQL refused it; the rest of its batch is written"
+    );
+    let store = async |with_event: bool| {
+        txn::run_tx(pool, policy, abort, async |tx| -> Result<_, WriteError> {
+            let changed =
+                dead_letters::insert(tx, &key.service, ev, sqlstate, &text, with_event).await?;
+            cursor::write(tx, key, cursor::NO_CURSOR).await?;
+            Ok(changed)
+        })
+        .await
+    };
+    let desynchronized = match store(true).await {
+        Ok(changed) => changed,
+        Err(e) if e.is_data_error() => {
+            tracing::warn!(seq = ev.seq, error = %dead_letters::error_text(&e), "the event's JSON was refused too; its dead letter keeps no event");
+            store(false).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let class = sqlstate.get(..2).unwrap_or("none").to_owned();
+    metrics::counter!(m::DEAD_LETTERS_TOTAL, "class" => class).increment(1);
+    if desynchronized {
+        metrics::counter!(m::REPOS_DESYNCHRONIZED_TOTAL, "reason" => dead_letters::DEAD_LETTER)
+            .increment(1);
+    }
+    Ok(())
 }

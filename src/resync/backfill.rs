@@ -379,7 +379,7 @@ async fn store_page(
         )
         .await?;
         if !accounts.is_empty() {
-            writer::apply_events(tx, &accounts).await?;
+            writer::apply_events(tx, &accounts, writer::plan::Revs::Skip).await?;
         }
         let due = tx
             .query(

@@ -54,10 +54,14 @@ pub(super) async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), tokio
     let data: Vec<Option<&str>> = plan.actors.values().map(|a| a.data.as_deref()).collect();
     let commit: Vec<Option<&str>> = plan.actors.values().map(|a| a.commit.as_deref()).collect();
     // Only rows whose values really change are touched: a replay rewrites nothing. A new rev
-    // brings its head (§12): the MST root is NULL when the commit was not verified.
+    // brings its head (§12): the MST root is NULL when the commit was not verified. A handle
+    // taken from an `#identity` event is unverified until resolution confirms it both ways
+    // (§5): a new one is stored with `handle_valid = false`, an unchanged one keeps its flag.
     exec(
         tx,
         "UPDATE actors a SET handle = COALESCE(u.handle, a.handle), status = COALESCE(u.status, a.status), \
+         handle_valid = CASE WHEN u.handle IS NOT NULL AND u.handle IS DISTINCT FROM a.handle \
+         THEN false ELSE a.handle_valid END, \
          rev = COALESCE(u.rev, a.rev), \
          repo_data = CASE WHEN u.rev IS NULL THEN a.repo_data ELSE u.data END, \
          repo_commit = CASE WHEN u.rev IS NULL THEN a.repo_commit ELSE u.commit END \

@@ -3,10 +3,11 @@
 //!
 //! [`apply`] is the order of a batch's statements; each group of statements lives in its own
 //! file: [`plan`] (events → changes, pure), `actors` (stub actors, actor state), `records`
-//! (record tables), `derived` (aggregates, notifications, feed items), and the cursor in
-//! [`crate::cursor`].
+//! (record tables), `derived` (aggregates, notifications, feed items), the cursor in
+//! [`crate::cursor`], and [`dead_letters`] (events set aside after a data error, §6).
 
 mod actors;
+pub mod dead_letters;
 mod derived;
 pub mod plan;
 mod records;
@@ -22,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use derived::Derived;
-use plan::PlanStats;
+use plan::{PlanStats, Revs};
 pub use repo::{apply_repo, RepoDiff};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,35 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// Adds what another transaction of the same batch did (a batch split by the safety net
+    /// of §6); the cursor is the later one's.
+    pub fn merge(&mut self, other: Applied) {
+        let s = &mut self.stats;
+        let o = other.stats;
+        s.commits_applied += o.commits_applied;
+        s.commits_already_applied += o.commits_already_applied;
+        s.commits_of_deleted_accounts += o.commits_of_deleted_accounts;
+        s.ops_applied += o.ops_applied;
+        s.ops_superseded += o.ops_superseded;
+        for (k, n) in o.invalid {
+            *s.invalid.entry(k).or_default() += n;
+        }
+        for (k, n) in o.unavailable {
+            *s.unavailable.entry(k).or_default() += n;
+        }
+        s.sanitized += o.sanitized;
+        for (map, from) in [
+            (&mut self.inserted, other.inserted),
+            (&mut self.deleted, other.deleted),
+            (&mut self.statement_micros, other.statement_micros),
+        ] {
+            for (k, n) in from {
+                *map.entry(k).or_default() += n;
+            }
+        }
+        self.cursor = other.cursor.or(self.cursor);
+    }
+
     fn timed(&mut self, what: &'static str, since: Instant) {
         *self.statement_micros.entry(what).or_default() += since.elapsed().as_micros() as u64;
     }
@@ -70,7 +100,7 @@ pub async fn apply(
     cursor: Option<i64>,
     key: &CursorKey,
 ) -> Result<Applied, WriteError> {
-    let mut applied = apply_events(tx, events).await?;
+    let mut applied = apply_events(tx, events, Revs::Skip).await?;
     let t0 = Instant::now();
     match cursor {
         Some(seq) => applied.cursor = Some(cursor::write(tx, key, seq).await?),
@@ -84,14 +114,19 @@ pub async fn apply(
     Ok(applied)
 }
 
-/// [`apply`] without the cursor and its fence: for writers that hold no lease and follow no
-/// stream (backfill's account statuses from `listRepos`).
-pub async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<Applied, WriteError> {
+/// Applies `events` (rows, derived tables, actors) without touching the cursor or its fence:
+/// inside [`apply`], and for writers that hold no lease and follow no stream (backfill's
+/// account statuses from `listRepos`, with [`Revs::Skip`]).
+pub(crate) async fn apply_events(
+    tx: &Transaction<'_>,
+    events: &[Event],
+    revs: Revs,
+) -> Result<Applied, WriteError> {
     let mut applied = Applied::default();
     let t0 = Instant::now();
     let state = actors::read_state(tx, &plan::dids_of(events)).await?;
     applied.timed("actors_read", t0);
-    let plan = plan::build(events, state);
+    let plan = plan::build(events, state, revs);
     let mut derived = Derived::default();
     for did in &plan.purges {
         records::purge(tx, did, &mut derived, &mut applied).await?;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::firehose::event::{Commit, Unavailable};
 use crate::firehose::{Action, Event, EventKind, OpRecord};
-use crate::mapping::{self, GenericRow, Meta, Origin, Row, Table};
+use crate::mapping::{self, Fixes, GenericRow, Meta, Origin, Row, Table};
 
 /// What the database knows of an actor at the start of the batch.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +58,8 @@ pub struct PlanStats {
     pub invalid: HashMap<(String, &'static str), u64>,
     /// unavailable reason → count.
     pub unavailable: HashMap<&'static str, u64>,
+    /// Values changed so PostgreSQL can store them (§6), by kind.
+    pub sanitized: Fixes,
 }
 
 #[derive(Debug, Default)]
@@ -91,7 +93,17 @@ pub fn dids_of(events: &[Event]) -> Vec<String> {
     dids
 }
 
-pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) -> Plan {
+/// How [`build`] treats a commit the repo's rev says is already applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Revs {
+    /// Skip it (the stream: §4, replays are no-ops).
+    Skip,
+    /// Apply it all the same, without moving the rev back (`dead-letters retry`: the event
+    /// was set aside, so later commits of its repo moved the rev past it).
+    Reapply,
+}
+
+pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>, revs: Revs) -> Plan {
     let mut plan = Plan::default();
     for ev in events {
         match &ev.kind {
@@ -102,7 +114,9 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) ->
                 });
                 if st.status == "deleted" {
                     plan.stats.commits_of_deleted_accounts += 1;
-                } else if st.rev.as_deref().is_some_and(|r| r >= c.rev.as_str()) {
+                } else if revs == Revs::Skip
+                    && st.rev.as_deref().is_some_and(|r| r >= c.rev.as_str())
+                {
                     plan.stats.commits_already_applied += 1;
                 } else if let Some(over) = c.over_limit {
                     // §3: skipped whole (it carries no ops); its repo needs a resync.
@@ -112,7 +126,8 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) ->
                     let outcome = apply_commit(&mut plan, ev.seq, c);
                     plan.stats.commits_applied += 1;
                     let upd = plan.actors.entry(c.repo.clone()).or_default();
-                    if outcome.complete {
+                    let newer = st.rev.as_deref().is_none_or(|r| r < c.rev.as_str());
+                    if outcome.complete && newer {
                         st.rev = Some(c.rev.clone());
                         upd.rev = Some(c.rev.clone());
                         upd.data = c.data.map(|d| d.to_string());
@@ -125,7 +140,10 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>) ->
             }
             EventKind::Identity(i) => {
                 if let Some(h) = &i.handle {
-                    plan.actors.entry(i.did.clone()).or_default().handle = Some(h.clone());
+                    // Indexed (`actors_handle_idx`): the reference rule of §6 applies.
+                    let mut h = h.clone();
+                    plan.stats.sanitized.reference(&mut h);
+                    plan.actors.entry(i.did.clone()).or_default().handle = Some(h);
                 }
             }
             EventKind::Account(a) => {
@@ -177,7 +195,7 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
         let table = Table::for_collection(&op.collection);
         let uri = op.uri(&c.repo);
         let cid = op.cid.map(|c| c.to_string()).unwrap_or_default();
-        let row = match (&op.action, &op.record) {
+        let mut row = match (&op.action, &op.record) {
             (Action::Delete, _) => None,
             (_, OpRecord::Known(k)) => Some(mapping::known(origin, uri.clone(), cid, k)),
             (_, OpRecord::Generic(v)) => Some(Row::Generic(GenericRow {
@@ -223,6 +241,11 @@ fn apply_commit(plan: &mut Plan, seq: i64, c: &Commit) -> Outcome {
             (_, OpRecord::None) => continue,
         };
         plan.stats.ops_applied += 1;
+        if let Some(row) = &mut row {
+            // §6: what PostgreSQL cannot take is changed before anything (derived rows
+            // included) is built from the row.
+            row.sanitize(&mut plan.stats.sanitized);
+        }
         let key = (table, uri);
         let change = match row {
             None => Change::Delete,

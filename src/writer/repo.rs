@@ -130,7 +130,7 @@ pub async fn apply_repo(
             status: "active".into(),
         },
     )]);
-    let plan = plan::build(std::slice::from_ref(&commit), state);
+    let plan = plan::build(std::slice::from_ref(&commit), state, plan::Revs::Skip);
     let mut derived = Derived::default();
     records::write(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();

@@ -149,13 +149,13 @@ fn the_check_catches_invented_and_misused_names() {
     let declared = declared();
     let code = recording_code();
     let used = names_in(
-        "rate(atproto_ingest_dead_letters_total[5m]) atproto_ingest_lag_seconds_bucket \
+        "rate(atproto_ingest_invented_total[5m]) atproto_ingest_lag_seconds_bucket \
          histogram_quantile(0.9, atproto_ingest_batch_flush_seconds_bucket)",
     );
     let p = problems(&used, &declared, &code);
     assert_eq!(p.len(), 2, "{p:?}");
     assert!(
-        p[0].contains("atproto_ingest_dead_letters_total: not a metric"),
+        p[0].contains("atproto_ingest_invented_total: not a metric"),
         "{p:?}"
     );
     assert!(p[1].contains("lag_seconds is a Gauge"), "{p:?}");

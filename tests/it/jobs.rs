@@ -165,7 +165,8 @@ async fn reresolve_resolves_only_due_stubs_and_runs_as_a_job(pg: PgPool) {
         ReresolveRun {
             due: 2,
             resolved: 1,
-            stubs: 1
+            stubs: 1,
+            given_up: 0,
         }
     );
     let rows = resolutions(&pg).await;
@@ -234,6 +235,69 @@ async fn reresolve_resolves_only_due_stubs_and_runs_as_a_job(pg: PgPool) {
         text.contains("atproto_ingest_job_seconds_bucket{job=\"reresolve\""),
         "{text}"
     );
+    pool.close();
+}
+
+#[sqlx::test(migrations = "./migrations")]
+async fn tombstoned_and_unsupported_dids_are_given_up_not_retried_daily(pg: PgPool) {
+    let server = common::fake_identity::Server::start().await;
+    // The PLC answers 410 Gone for a tombstoned DID, 404 for one it does not know (yet).
+    server
+        .fake()
+        .docs
+        .insert("did:plc:tombstoned".into(), (410, String::new()));
+    sqlx::raw_sql(
+        "INSERT INTO actors (did, next_resolve_at) VALUES
+           ('did:plc:tombstoned', now() - interval '1 minute'),
+           ('did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK', now() - interval '1 minute'),
+           ('did:plc:unknown', now() - interval '1 minute');",
+    )
+    .execute(&pg)
+    .await
+    .unwrap();
+    let pool = deadpool(&pg, 2).await;
+    let creator = UserCreator::new(IdentityConfig {
+        resolve_identities: true,
+        ..server.config()
+    })
+    .unwrap();
+    let run = jobs::reresolve_once(&pool, &creator, 10).await.unwrap();
+    assert_eq!(
+        run,
+        ReresolveRun {
+            due: 3,
+            resolved: 0,
+            stubs: 1,
+            given_up: 2,
+        }
+    );
+    let marks: Vec<(String, bool, i32)> = sqlx::query_as(
+        "SELECT did, next_resolve_at = 'infinity', resolve_failures FROM actors ORDER BY did",
+    )
+    .fetch_all(&pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        marks,
+        vec![
+            (
+                "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK".into(),
+                true,
+                1
+            ),
+            ("did:plc:tombstoned".into(), true, 1),
+            ("did:plc:unknown".into(), false, 1),
+        ],
+        "given up: marked for good; unknown: retried with backoff"
+    );
+    // Even when every other actor is due again, the given-up ones are never asked for.
+    sqlx::query("UPDATE actors SET next_resolve_at = now() WHERE did = 'did:plc:unknown'")
+        .execute(&pg)
+        .await
+        .unwrap();
+    let again = jobs::reresolve_once(&pool, &creator, 10).await.unwrap();
+    assert_eq!((again.due, again.given_up), (1, 0));
+    assert_eq!(server.requests("/plc/did:plc:tombstoned"), 1);
     pool.close();
 }
 

@@ -177,6 +177,53 @@ async fn oversized_frame_is_stepped_over_without_stalling() {
 }
 
 #[tokio::test]
+async fn oversized_frame_after_an_info_is_stepped_over_without_stalling() {
+    // From malformed.frames: its `#info OutdatedCursor` (index 145) and the 6 MiB commit of
+    // seq 123 (index 132), served in place of the genuine seq 123 and preceded by the #info:
+    // every session resumed from cursor 122 sees the #info first, then the oversized frame.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/firehose/malformed.frames");
+    let malformed = frames_of(&path);
+    let (info, big) = (malformed[145].clone(), malformed[132].clone());
+    assert!(big.len() > client::DEFAULT_MAX_MESSAGE_BYTES);
+    let mut frames = frames_of(&small());
+    frames.splice(122..123, [info, big]);
+    let relay = TestRelay::start(frames, TestRelayConfig::default())
+        .await
+        .unwrap();
+    let (cursor_tx, cursor_rx) = watch::channel(Some(122));
+    let (tx, mut rx) = mpsc::channel(16);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(client::run(
+        client_cfg(&relay),
+        cursor_rx,
+        tx,
+        cancel.clone(),
+    ));
+    let mut seen = std::collections::BTreeSet::new();
+    tokio::time::timeout(TEST_LIMIT, async {
+        while seen.len() < (FRAMES - 123) as usize {
+            let msg = rx.recv().await.unwrap();
+            let seq = seq_of(&msg);
+            if seq > 0 {
+                seen.insert(seq);
+                cursor_tx.send_replace(Some(seq));
+            }
+        }
+    })
+    .await
+    .expect("the stream went on past the oversized frame that followed an #info");
+    assert_eq!(seen.first(), Some(&124));
+    assert_eq!(seen.last(), Some(&(FRAMES as i64)));
+    assert_eq!(
+        relay.cursors_requested()[..2],
+        [Some(122), Some(123)],
+        "one reconnect steps over seq 123"
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn silent_relay_is_treated_as_dead() {
     // Accepts the WebSocket handshake, then never reads: no frames, no pongs.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

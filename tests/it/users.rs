@@ -533,3 +533,97 @@ async fn dropping_the_pipeline_stops_user_creations_in_flight(pool: sqlx::PgPool
     );
     assert_eq!(server.shared.in_flight.load(Ordering::SeqCst), 0);
 }
+
+/// The first two `#identity` frames of `small.frames` with a handle, as (did, handle, frame).
+fn identity_frames() -> Vec<(String, String, Vec<u8>)> {
+    use atproto_ingest::firehose::EventKind;
+    let mut out = Vec::new();
+    for f in FrameReader::new(open(&common::fixture("small.frames")).unwrap(), usize::MAX) {
+        let RawFrame::Message(m) = f.unwrap() else {
+            continue;
+        };
+        if let Ok(d) = atproto_ingest::firehose::decode(&m) {
+            if let EventKind::Identity(i) = d.event.kind {
+                if let Some(h) = i.handle {
+                    out.push((i.did, h, m));
+                }
+            }
+        }
+        if out.len() == 2 {
+            break;
+        }
+    }
+    out
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_handle_from_an_identity_event_is_unverified_until_resolution_confirms_it(
+    pool: sqlx::PgPool,
+) {
+    let frames = identity_frames();
+    let [(same_did, same_handle, _), (new_did, new_handle, _)] = &frames[..] else {
+        panic!("two #identity frames");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("identity.frames");
+    let raw: Vec<Vec<u8>> = frames.iter().map(|f| f.2.clone()).collect();
+    common::reframe::write_fixture(&path, &raw);
+    let replay_identities = |users: UsersConfig| {
+        let pool = pool.clone();
+        let path = path.clone();
+        async move {
+            let mut c = cfg(users);
+            c.batch_max_ops = 1;
+            replay(
+                &common::db_config(&pool),
+                vec![path],
+                c,
+                CancellationToken::new(),
+                Arc::new(Stats::default()),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // A first replay creates the schema and the two actors; then both are made verified, one
+    // with the handle its event repeats, the other with an older handle.
+    replay_identities(UsersConfig::default()).await;
+    sqlx::query(
+        "UPDATE actors SET handle = CASE did WHEN $1 THEN $2 ELSE 'old.test' END, \
+         handle_valid = true",
+    )
+    .bind(same_did)
+    .bind(same_handle)
+    .execute(&pool)
+    .await
+    .unwrap();
+    replay_identities(UsersConfig::default()).await;
+    let rows = actors(&pool).await;
+    assert_eq!(
+        (rows[same_did].1.as_deref(), rows[same_did].2),
+        (Some(same_handle.as_str()), Some(true)),
+        "an unchanged handle keeps its verification"
+    );
+    assert_eq!(
+        (rows[new_did].1.as_deref(), rows[new_did].2),
+        (Some(new_handle.as_str()), Some(false)),
+        "a new handle from #identity is stored unverified"
+    );
+
+    // Resolution (the users stage refreshes on #identity) confirms it both ways.
+    let server = Server::start().await;
+    server.account(new_did, new_handle, true);
+    server.account(same_did, same_handle, true);
+    replay_identities(UsersConfig::resolving(identity(
+        &server,
+        2,
+        Duration::from_secs(5),
+    )))
+    .await;
+    let rows = actors(&pool).await;
+    assert_eq!(
+        (rows[new_did].1.as_deref(), rows[new_did].2),
+        (Some(new_handle.as_str()), Some(true)),
+        "verified by resolution"
+    );
+}

@@ -20,14 +20,19 @@
 //!   (`backward`, `skip`, `outdated_cursor`) and logged (at most once per
 //!   [`GAP_LOG_INTERVAL`] per kind). Frames are still forwarded: writes are idempotent.
 //!
-//! A message over the size limit ends the connection (tungstenite cannot skip it); if it was the
-//! first message after cursor `c`, the next connection resumes from at least `c + 1`, stepping
-//! over it instead of looping on it.
+//! - a seq far beyond the last one ([`jumps::MAX_SEQ_JUMP`]): held until the next frame confirms
+//!   it, a lone outlier dropped, so one corrupt seq cannot move the durable cursor for good.
+//!
+//! A message over the size limit ends the connection (tungstenite cannot skip it). Wherever it
+//! comes in a session (first, after an `#info`, after other events), it follows the highest seq
+//! received before it, or the resume cursor `c`: the next connection resumes from at least that
+//! seq + 1, stepping over the oversized frame instead of looping on it.
 //!
 //! This file holds the settings and the reconnect loop (backoff from [`crate::retry`]);
 //! [`session`] is one connection, [`gaps`] the seq continuity checks.
 
 mod gaps;
+mod jumps;
 mod session;
 
 use std::sync::atomic::AtomicI64;
@@ -157,8 +162,9 @@ pub fn subscribe_url(relay_url: &str, cursor: Option<i64>) -> Result<String, Cli
 /// tail" (or, once frames were received, "just before the first frame received"), `Some(n)`
 /// resumes after seq `n`. Messages are sent to `out` in order; a full channel
 /// blocks reading (backpressure). A message over `max_message_bytes` is counted
-/// (`atproto_ingest_relay_oversized_total`) and ends the connection; it is stepped over when it
-/// is the first message after a cursor (with no cursor there is nothing to step past).
+/// (`atproto_ingest_relay_oversized_total`) and ends the connection; the next connection steps
+/// over it (it follows the highest seq received, or the resume cursor; with neither there is
+/// nothing to step past).
 pub async fn run(
     cfg: ClientConfig,
     cursor: watch::Receiver<Option<i64>>,
@@ -227,14 +233,13 @@ impl Client {
                 SessionEnd::Stop => return Ok(()),
                 SessionEnd::Ended {
                     why,
-                    first_oversized,
+                    oversized_after,
                 } => {
-                    if first_oversized {
-                        if let Some(c) = resume {
-                            // The first frame after `c` is too big: step over seq c+1 (it is
-                            // that frame, or absent). Nothing with a smaller seq is skipped.
-                            self.skip_floor = Some(c.saturating_add(1));
-                        }
+                    if let Some(c) = oversized_after {
+                        // The frame after seq `c` is too big: step over seq c+1 (it is that
+                        // frame, or absent). Nothing with a smaller seq is skipped.
+                        let floor = c.saturating_add(1);
+                        self.skip_floor = Some(self.skip_floor.map_or(floor, |f| f.max(floor)));
                     }
                     tracing::warn!(url = %url, reason = %why, connected_ms = started.elapsed().as_millis() as u64, "relay connection ended");
                 }

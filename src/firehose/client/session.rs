@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::gaps::SeqCheck;
+use super::jumps::JumpGuard;
 use super::Client;
 use crate::firehose::frame::{self, ErrorBody, InfoBody};
 use crate::metrics as m;
@@ -28,15 +29,16 @@ pub(super) enum SessionEnd {
     /// The connection failed or ended; reconnect.
     Ended {
         why: String,
-        /// The first message of the session was over the size limit.
-        first_oversized: bool,
+        /// A message over the size limit came right after this seq (the highest received in
+        /// the session, else the resume cursor).
+        oversized_after: Option<i64>,
     },
 }
 
 fn ended(why: impl ToString) -> SessionEnd {
     SessionEnd::Ended {
         why: why.to_string(),
-        first_oversized: false,
+        oversized_after: None,
     }
 }
 
@@ -46,8 +48,12 @@ pub(super) struct Session<'a> {
     ws: Socket,
     resume: Option<i64>,
     seqs: SeqCheck,
-    /// Messages received so far (an oversized first one is stepped over on reconnect).
+    jumps: JumpGuard,
+    /// Messages received so far.
     received: u64,
+    /// The highest seq received in this session (an oversized message after it is stepped
+    /// over on reconnect).
+    max_seq: Option<i64>,
     /// Last message, pong, or end of a wait on the full output channel.
     last_heard: Instant,
 }
@@ -79,7 +85,9 @@ impl<'a> Session<'a> {
             ws,
             resume,
             seqs: SeqCheck::new(resume),
+            jumps: JumpGuard::new(resume),
             received: 0,
+            max_seq: None,
             last_heard: Instant::now(),
         })
     }
@@ -122,31 +130,36 @@ impl<'a> Session<'a> {
                     );
                     return SessionEnd::Ended {
                         why: format!("message of {size} bytes over the {max_size}-byte limit"),
-                        first_oversized: self.received == 0,
+                        oversized_after: self.max_seq.or(self.resume),
                     };
                 }
                 Some(Err(e)) => return ended(format!("read: {e}")),
             };
             self.received += 1;
-            if let Some(error) = self.on_frame(&data) {
+            let release = match peek(&data) {
+                Peeked::Seq(seq) => {
+                    self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
+                    self.jumps.admit(seq, data.into())
+                }
+                Peeked::Info(info) => {
+                    self.on_info(info);
+                    [Some((0, data.into())), None]
+                }
                 // The relay closes after an error frame; do not wait for it.
-                return ended(format!("relay error {error}"));
-            }
-            if let Some(end) = self.forward(data.into()).await {
-                return end;
+                Peeked::Error(e) => {
+                    return ended(format!("relay error {}", on_error(e, self.resume)))
+                }
+                Peeked::Other => [Some((0, data.into())), None],
+            };
+            for (seq, frame) in release.into_iter().flatten() {
+                if seq > 0 {
+                    self.on_seq(seq);
+                }
+                if let Some(end) = self.forward(frame).await {
+                    return end;
+                }
             }
         }
-    }
-
-    /// Acts on what the frame's header and `seq` say; the relay's error, if it sent one.
-    fn on_frame(&mut self, data: &[u8]) -> Option<String> {
-        match peek(data) {
-            Peeked::Seq(seq) => self.on_seq(seq),
-            Peeked::Info(info) => self.on_info(info),
-            Peeked::Error(e) => return Some(on_error(e, self.resume)),
-            Peeked::Other => {}
-        }
-        None
     }
 
     fn on_seq(&mut self, seq: i64) {
