@@ -14,6 +14,7 @@ use crate::dead_letters::{self, DeadLettersCmdError, DeadLettersOptions};
 use crate::inspect::{self, End, InspectError, InspectOptions};
 use crate::record::{self, RecordError, RecordOptions};
 use crate::replay::{self, MigrateOptions, ReplayError, ReplayOptions};
+use crate::resync::command::{self, BackfillCommandError, BackfillOptions};
 use crate::status::{self, StatusError, StatusOptions};
 
 /// AT Protocol firehose indexer: subscribeRepos → PostgreSQL for an App View.
@@ -62,6 +63,10 @@ pub enum Command {
     /// PostgreSQL, a standby waits to take over. Serves /metrics, /healthz, /readyz.
     /// SIGTERM/SIGINT: drain, commit, release the lease, exit 0 (a second signal exits at once).
     Run(Box<RunOptions>),
+    /// Enumerate a relay's repos (com.atproto.sync.listRepos) and resync every one not yet
+    /// synchronized from its PDS (getRepo, verified); resumes where a killed backfill stopped.
+    /// Exits 0 once every listed repo is synchronized, inactive or given up (listed at the end).
+    Backfill(Box<BackfillOptions>),
     /// Print the durable cursors and the leader lease (holder, fence, progress, lag), then exit.
     Status(StatusOptions),
     /// List the events set aside in `dead_letters` because PostgreSQL refused them, or apply
@@ -80,6 +85,8 @@ pub enum CommandError {
     Replay(#[from] ReplayError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Backfill(#[from] BackfillCommandError),
     #[error(transparent)]
     Status(#[from] StatusError),
     #[error(transparent)]
@@ -105,6 +112,7 @@ impl Command {
             Command::Migrate(opts) => block_on(replay::migrate_command(&opts)),
             Command::Record(opts) => block_on(record::record_command(&opts)).map(drop),
             Command::Run(opts) => block_on(app::run_command(&opts)),
+            Command::Backfill(opts) => block_on(command::backfill_command(&opts)),
             Command::Status(opts) => {
                 block_on(status::status_command(&opts, &mut io::stdout().lock()))
             }

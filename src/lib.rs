@@ -21,6 +21,9 @@
 //!   `#commit` ops, `#sync` events and full repo CARs (pure; used by tests, benches, fuzz).
 //! - [`writer`]: batch planning (collapse, idempotency) and bulk SQL in one transaction.
 //! - [`cursor`]: the durable cursor: fence claim, cursor writes, the low-watermark rule.
+//! - [`repos`]: repo sync state and the resync queue (§12); [`resync`]: the resync workers
+//!   (`getRepo`, verification, the repo made equal to its CAR), held live events, and
+//!   `backfill` (§13).
 //! - [`db`]: the PostgreSQL pool, migrations, database creation; [`txn`]: retrying,
 //!   time-limited transactions.
 //! - [`replay`]: fixture files through the pipeline.
@@ -67,6 +70,7 @@ pub mod progress;
 pub mod record;
 pub mod replay;
 pub mod repos;
+pub mod resync;
 mod retry;
 pub mod signals;
 pub mod stats;

@@ -322,6 +322,41 @@ metrics! {
         "Fence claims refused (the database holds a newer fence).";
     pub(crate) FENCED_TOTAL: Counter[] =
         "atproto_ingest_fenced_total", "Terms ended by a newer leader's fence.";
+
+    // --- Resync and backfill (§12, §13) ---
+    /// `result`: `ok`, or a failure reason (`repo_not_found`, `bad_signature`, `timeout`, …).
+    pub RESYNCS_TOTAL: Counter["result"] =
+        "atproto_ingest_resyncs_total", "Repo resyncs finished, by result.";
+    /// Fetch, verification and the transaction.
+    pub(crate) RESYNC_SECONDS: Histogram(Seconds)[] =
+        "atproto_ingest_resync_seconds", "Duration of one repo resync.";
+    pub(crate) RESYNCS_IN_FLIGHT: Gauge[] =
+        "atproto_ingest_resyncs_in_flight", "Repo resyncs running now.";
+    /// `change`: `created`, `updated`, `deleted`, `unchanged`, `invalid`.
+    pub RESYNC_RECORDS_TOTAL: Counter["change"] =
+        "atproto_ingest_resync_records_total", "Records of resynced repos, by change.";
+    /// Refreshed by the resync workers every few seconds.
+    pub REPOS: Gauge["state"] =
+        "atproto_ingest_repos", "Repos by sync state.";
+    pub(crate) RESYNC_QUEUE: Gauge[] =
+        "atproto_ingest_resync_queue", "Repos queued for a resync (due or backing off).";
+    pub(crate) HELD_REPOS: Gauge[] =
+        "atproto_ingest_held_repos", "Repos whose live events are held during a resync.";
+    pub(crate) HELD_EVENTS: Gauge[] =
+        "atproto_ingest_held_events", "Live events held for repos being resynced.";
+    /// Estimated.
+    pub(crate) HELD_BYTES: Gauge(Bytes)[] =
+        "atproto_ingest_held_bytes", "Memory of the held live events.";
+    /// The repo is resynced again.
+    pub(crate) HELD_OVERFLOWS_TOTAL: Counter[] =
+        "atproto_ingest_held_overflows_total", "Repos whose held events were dropped at a bound.";
+    pub(crate) BACKFILL_PAGES_TOTAL: Counter[] =
+        "atproto_ingest_backfill_pages_total", "listRepos pages read by backfill.";
+    pub BACKFILL_REPOS_LISTED: Gauge[] =
+        "atproto_ingest_backfill_repos_listed", "Repos listed so far by the running backfill.";
+    /// `outcome`: `done`, `failed`, `inactive`, `pending`.
+    pub BACKFILL_REPOS: Gauge["outcome"] =
+        "atproto_ingest_backfill_repos", "Listed repos of the running backfill, by outcome.";
 }
 
 /// Every declared metric as `(name, constant, kind)` with kind `"counter"`, `"gauge"` or

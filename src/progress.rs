@@ -1,5 +1,6 @@
-//! The `replay` progress bar: frames read, events written and events/s, refreshed from the
-//! pipeline's shared counters. Drawn on stderr only when it is a terminal.
+//! Progress bars: `replay` (frames read, events written and events/s, from the pipeline's
+//! shared counters) and `backfill` (repos done/total, records/s). Drawn on stderr only when it
+//! is a terminal.
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,25 @@ pub fn spawn(
     done: CancellationToken,
     enabled: bool,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_with(done, enabled, move || {
+        let secs = stats.elapsed().as_secs_f64().max(1e-3);
+        let events = stats.events_written.load(Ordering::Relaxed);
+        format!(
+            "{} frames read, {events} events written ({:.0} events/s), cursor {}",
+            stats.frames.load(Ordering::Relaxed),
+            events as f64 / secs,
+            stats.cursor.load(Ordering::Relaxed)
+        )
+    })
+}
+
+/// A spinner line redrawn every tick with `message()` (the one home of progress drawing:
+/// `replay`, `backfill`), until `done` fires.
+pub fn spawn_with(
+    done: CancellationToken,
+    enabled: bool,
+    message: impl Fn() -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !enabled || !std::io::stderr().is_terminal() {
             done.cancelled().await;
@@ -35,14 +55,7 @@ pub fn spawn(
                 _ = done.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let secs = stats.elapsed().as_secs_f64().max(1e-3);
-            let events = stats.events_written.load(Ordering::Relaxed);
-            bar.set_message(format!(
-                "{} frames read, {events} events written ({:.0} events/s), cursor {}",
-                stats.frames.load(Ordering::Relaxed),
-                events as f64 / secs,
-                stats.cursor.load(Ordering::Relaxed)
-            ));
+            bar.set_message(message());
             bar.tick();
         }
         bar.finish_and_clear();

@@ -16,6 +16,7 @@ use crate::cursor::CursorKey;
 use crate::db::{self, DbConfig, DbError};
 use crate::pipeline::users::{UsersError, DEFAULT_RESOLVE_IDENTITIES_REPLAY};
 use crate::pipeline::{self, Input, PipelineConfig, PipelineError, PipelineHandles, Stats};
+use crate::resync::{run_workers, Held, Live, ResyncArgs, ResyncConfig, Resyncer};
 
 /// `firehose_cursor.service` of fixture replays (the live relay uses its host name).
 pub const REPLAY_SERVICE: &str = "replay";
@@ -42,7 +43,22 @@ pub enum ReplayError {
 pub async fn replay(
     db_cfg: &DbConfig,
     files: Vec<PathBuf>,
+    cfg: PipelineConfig,
+    cancel: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<(), ReplayError> {
+    replay_with_resync(db_cfg, files, cfg, None, cancel, stats).await
+}
+
+/// [`replay`], with resync workers when `resync` is given: repos desynchronized by the replay
+/// (damaged commits, broken chains) are resynced from their PDS (resolved with
+/// `cfg.users.identity`) while it runs, and the replay returns only once no resync it started
+/// is left (repos backing off after a failure stay queued).
+pub async fn replay_with_resync(
+    db_cfg: &DbConfig,
+    files: Vec<PathBuf>,
     mut cfg: PipelineConfig,
+    resync: Option<ResyncConfig>,
     cancel: CancellationToken,
     stats: Arc<Stats>,
 ) -> Result<(), ReplayError> {
@@ -56,11 +72,42 @@ pub async fn replay(
         service: REPLAY_SERVICE.to_owned(),
         fence: 0,
     };
+    let resolver = creator.as_ref().and_then(|c| c.resolver().cloned());
+    let workers = match resync {
+        Some(rcfg) => {
+            let live = Live {
+                fence: cfg.cursor.clone(),
+                held: Arc::new(Held::new(rcfg.held)),
+            };
+            let resyncer = Resyncer::new(
+                pool.clone(),
+                rcfg,
+                &cfg.users.identity,
+                resolver,
+                Some(live),
+            )
+            .map_err(UsersError::from)?;
+            let finish = CancellationToken::new();
+            let run = tokio::spawn(run_workers(
+                Arc::new(resyncer),
+                finish.clone(),
+                cancel.clone(),
+            ));
+            Some((finish, run))
+        }
+        None => None,
+    };
     let handles = PipelineHandles {
         durable: None,
         creator,
     };
-    pipeline::run(pool, cfg, handles, Input::Files(files), cancel, stats).await?;
+    let result = pipeline::run(pool, cfg, handles, Input::Files(files), cancel, stats).await;
+    if let Some((finish, run)) = workers {
+        finish.cancel();
+        // The workers log their own failures; a panic there is no reason to fail the replay.
+        let _ = run.await;
+    }
+    result?;
     Ok(())
 }
 
@@ -73,7 +120,12 @@ pub(crate) async fn replay_command(opts: &ReplayOptions) -> Result<(), ReplayErr
     let stats = Arc::new(Stats::default());
     let done = CancellationToken::new();
     let bar = crate::progress::spawn(stats.clone(), done.clone(), !opts.no_progress);
-    let result = replay(&db, opts.files.clone(), cfg, cancel, stats.clone()).await;
+    let resync = match opts.resync {
+        true => Some(opts.resync_args.to_config(&cfg.retry)?),
+        false => None,
+    };
+    let result =
+        replay_with_resync(&db, opts.files.clone(), cfg, resync, cancel, stats.clone()).await;
     done.cancel();
     // The bar only draws; its end (or panic) changes nothing about the replay.
     let _ = bar.await;
@@ -99,6 +151,19 @@ pub struct ReplayOptions {
     pub users: crate::pipeline::UsersArgs,
     #[command(flatten)]
     pub verify: crate::pipeline::VerifyArgs,
+    /// Resync repos the replay finds out of sync (damaged commits, broken chains) from their
+    /// PDS while it runs (identity from `--plc-url`); the replay ends once those resyncs have.
+    #[arg(
+        long,
+        env = "RESYNC",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub resync: bool,
+    #[command(flatten)]
+    pub resync_args: ResyncArgs,
     /// No progress bar (it is also off when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,

@@ -202,6 +202,50 @@ pub async fn resync_failed<C: GenericClient>(
     Ok(())
 }
 
+/// A resync that cannot succeed until something else changes (repo not found, account
+/// deleted, bad signature with a fresh key…): the repo leaves the queue and stays
+/// `desynchronized` with `reason` as its sync reason (shown by `status`, listed by backfill).
+/// A later break or backfill queues it again.
+pub async fn resync_gave_up<C: GenericClient>(
+    client: &C,
+    did: &str,
+    reason: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("DELETE FROM resync_queue WHERE did = $1", &[&did])
+        .await?;
+    client
+        .execute(
+            "UPDATE actors SET sync_state = 'desynchronized', needs_resync = true, \
+             sync_reason = $2, sync_changed_at = now() WHERE did = $1",
+            &[&did, &reason],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Frees the claims of `dids` (a worker stopping before it finished them), or every claim
+/// when `dids` is `None` (a new leader's or backfill's workers starting: whoever held them
+/// is gone). They are due at once; the attempt they used does not count.
+pub async fn release_claims<C: GenericClient>(
+    client: &C,
+    dids: Option<&[String]>,
+) -> Result<u64, tokio_postgres::Error> {
+    let all = dids.is_none();
+    let dids: Vec<String> = dids.map(<[String]>::to_vec).unwrap_or_default();
+    let n = client
+        .execute(
+            "WITH freed AS (UPDATE actors SET sync_state = 'desynchronized', \
+               sync_changed_at = now() \
+               WHERE sync_state = 'resyncing' AND ($1 OR did = ANY($2)) RETURNING did) \
+             UPDATE resync_queue q SET next_attempt_at = now(), \
+               attempts = GREATEST(q.attempts - 1, 0) FROM freed WHERE q.did = freed.did",
+            &[&all, &dids],
+        )
+        .await?;
+    Ok(n)
+}
+
 /// Repos per sync state (every state present, zeros included) and the queue's length.
 pub async fn counts<C: GenericClient>(
     client: &C,

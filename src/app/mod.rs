@@ -60,6 +60,7 @@ use crate::notify;
 use crate::pipeline::users::UsersError;
 use crate::pipeline::{PipelineConfig, PipelineError, Stats};
 use crate::pool_monitor::{self, PoolMonitor};
+use crate::resync::ResyncConfig;
 use crate::tasks::{TaskError, Tasks};
 
 use lead::Ctx;
@@ -98,6 +99,12 @@ pub struct AppConfig {
     pub jobs: JobsConfig,
     /// Leader-only re-resolution of stub users (when identity resolution is on).
     pub reresolve_interval: Duration,
+    /// Leader-only resync workers (§12); `None`: repos are queued but not resynced here.
+    pub resync: Option<ResyncConfig>,
+    /// While leading, also backfill the relay's repos (§13) through the resync workers.
+    pub backfill: bool,
+    /// Where the backfill enumerates repos; `None`: the relay.
+    pub backfill_url: Option<String>,
     /// The first start's resume point when no cursor is stored (`Some(0)`: the oldest event
     /// the relay has); `None`: the live tail. Ignored once a cursor is stored (§4).
     pub start_cursor: Option<i64>,
@@ -122,6 +129,12 @@ impl std::fmt::Debug for AppConfig {
             .field("pool_monitor_interval", &self.pool_monitor_interval)
             .field("jobs", &self.jobs)
             .field("reresolve_interval", &self.reresolve_interval)
+            .field("resync", &self.resync)
+            .field("backfill", &self.backfill)
+            .field(
+                "backfill_url",
+                &self.backfill_url.as_deref().map(redact_url),
+            )
             .field("start_cursor", &self.start_cursor)
             .finish()
     }
@@ -143,6 +156,9 @@ impl AppConfig {
             pool_monitor_interval: pool_monitor::DEFAULT_INTERVAL,
             jobs: JobsConfig::default(),
             reresolve_interval: jobs::DEFAULT_RERESOLVE_INTERVAL,
+            resync: None,
+            backfill: false,
+            backfill_url: None,
             start_cursor: None,
         }
     }
@@ -180,6 +196,8 @@ pub enum AppError {
     Anchor(#[from] crate::cursor::AnchorError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("resync workers: {0}")]
+    Resync(#[source] crate::identity::IdentityError),
     /// A task panicked, stopped unexpectedly, or did not stop within its limit.
     #[error(transparent)]
     Task(#[from] TaskError),

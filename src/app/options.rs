@@ -85,6 +85,26 @@ pub struct RunOptions {
     /// only, with identity resolution on).
     #[arg(long, env = "RERESOLVE_INTERVAL_MS", value_name = "MS", default_value_t = ms(jobs::DEFAULT_RERESOLVE_INTERVAL))]
     pub reresolve_interval_ms: u64,
+    /// Resync repos found out of sync (damaged commits, broken chains, backfill) from their
+    /// PDS while leading (`--resync=false`: they stay queued for another instance or later).
+    #[arg(
+        long,
+        env = "RESYNC",
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub resync: bool,
+    #[command(flatten)]
+    pub resync_args: crate::resync::ResyncArgs,
+    /// While leading, also backfill the relay's repos (`listRepos`, resumed where it stopped)
+    /// through the resync workers, as the `backfill` command does; live ingestion continues.
+    #[arg(long, env = "BACKFILL")]
+    pub backfill: bool,
+    /// Where `--backfill` enumerates repos (`listRepos`); default: the relay.
+    #[arg(long, env = "BACKFILL_URL", value_name = "URL", hide_env_values = true)]
+    pub backfill_url: Option<String>,
     /// Where a first start begins when this relay has no stored cursor: resume after seq N
     /// (`0`: from the oldest event the relay still has). Without it a first start reads the
     /// live tail. Made durable at once; ignored (and logged) once a cursor is stored.
@@ -245,6 +265,29 @@ impl RunOptions {
             batch_size: self.cleanup_batch,
         };
         cfg.reresolve_interval = reresolve_interval;
+        check(
+            self.resync || !self.backfill,
+            "--backfill",
+            "BACKFILL",
+            "needs the resync workers (--resync)",
+            self.backfill,
+        )?;
+        cfg.resync = match self.resync {
+            true => Some(self.resync_args.to_config(&cfg.pipeline.retry)?),
+            false => None,
+        };
+        cfg.backfill = self.backfill;
+        if let Some(url) = &self.backfill_url {
+            let base = crate::resync::backfill::http_base(url);
+            check(
+                base.starts_with("http://") || base.starts_with("https://"),
+                "--backfill-url",
+                "BACKFILL_URL",
+                "must be a ws(s):// or http(s):// URL",
+                redact_url(url),
+            )?;
+        }
+        cfg.backfill_url = self.backfill_url.clone();
         cfg.start_cursor = self.start_cursor;
         Ok(cfg)
     }

@@ -5,12 +5,18 @@
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
 use crate::cursor::CursorKey;
 use crate::cursor::{AnchorError, WriteCursorError};
 use crate::firehose::client;
 use crate::jobs;
 use crate::leader::Leadership;
 use crate::pipeline::{self, Input, PipelineError};
+use crate::resync::backfill::{self, BackfillConfig, BackfillError};
+use crate::resync::{run_workers, Held, Live, ResyncConfig, ResyncStats, Resyncer};
 use crate::tasks::{TaskError, Tasks};
 use crate::txn::TxError;
 use crate::writer::WriteError;
@@ -95,6 +101,35 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
             anchored_rx
         }
     };
+    // Resync workers (and the backfill listing) while leading, fenced like the batches.
+    if let Some(rcfg) = &cfg.resync {
+        let live = Live {
+            fence: pcfg.cursor.clone(),
+            held: Arc::new(Held::new(rcfg.held)),
+        };
+        let resolver = ctx.creator.and_then(|c| c.resolver().cloned());
+        let resyncer = match Resyncer::new(
+            ctx.pool.clone(),
+            rcfg.clone(),
+            &cfg.pipeline.users.identity,
+            resolver,
+            Some(live),
+        ) {
+            Ok(r) => Arc::new(r),
+            Err(e) => return TermEnd::Failed(AppError::Resync(e)),
+        };
+        if cfg.backfill {
+            tasks.spawn(
+                "backfill listing",
+                run_backfill(ctx, rcfg, resyncer.stats().clone(), term.clone()),
+            );
+        }
+        let workers = run_workers(resyncer, CancellationToken::new(), term.clone());
+        tasks.spawn("resync workers", async move {
+            workers.await;
+            Ok(())
+        });
+    }
     let pipeline_run = pipeline::run(
         ctx.pool.clone(),
         pcfg,
@@ -197,5 +232,42 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
             }
         }
         Ok(()) => TermEnd::Failed(TaskError::Stopped { name }.into()),
+    }
+}
+
+/// `run --backfill`: lists the relay's repos for the term's resync workers, logs the outcome,
+/// then idles until the term ends (a finished backfill is not started again by later terms). A
+/// failed listing is logged, not fatal: the next term resumes it.
+fn run_backfill(
+    ctx: &Ctx<'_>,
+    rcfg: &ResyncConfig,
+    stats: Arc<ResyncStats>,
+    term: CancellationToken,
+) -> impl std::future::Future<Output = Result<(), AppError>> + Send + 'static {
+    let bcfg = BackfillConfig {
+        relay_url: (ctx.cfg.backfill_url.as_ref())
+            .unwrap_or(&ctx.cfg.relay.relay_url)
+            .clone(),
+        page_limit: backfill::DEFAULT_PAGE_LIMIT,
+        identity: ctx.cfg.pipeline.users.identity.clone(),
+        resync: rcfg.clone(),
+        retry: ctx.cfg.pipeline.retry.clone(),
+    };
+    let pool = ctx.pool.clone();
+    async move {
+        let listing = backfill::list(pool, bcfg, false, Arc::default(), stats, term.clone());
+        match listing.await {
+            Ok(report) => tracing::info!(
+                listed = report.listed,
+                done = report.done,
+                inactive = report.inactive,
+                failed = report.failed.len(),
+                "backfill finished"
+            ),
+            Err(BackfillError::Interrupted) => {}
+            Err(e) => tracing::error!(error = %e, "backfill stopped; the next term resumes it"),
+        }
+        term.cancelled().await;
+        Ok(())
     }
 }

@@ -62,7 +62,7 @@ pub(crate) async fn get_bounded(
 }
 
 /// The network guard's refusal inside a client error (a resolved address or a redirect).
-fn guard_refusal(e: &reqwest::Error) -> Option<&Refused> {
+pub(crate) fn guard_refusal(e: &reqwest::Error) -> Option<&Refused> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(r) = s.downcast_ref::<Refused>() {

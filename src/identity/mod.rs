@@ -12,10 +12,10 @@ pub mod config;
 mod creator;
 mod doc;
 mod error;
-mod fetch;
+pub(crate) mod fetch;
 mod handle;
 pub mod metrics;
-mod netguard;
+pub(crate) mod netguard;
 mod resolver;
 pub(crate) mod store;
 

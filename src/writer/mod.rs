@@ -11,6 +11,7 @@ pub mod dead_letters;
 mod derived;
 pub mod plan;
 mod records;
+mod repo;
 mod rows;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use derived::Derived;
 use plan::{PlanStats, Revs};
+pub use repo::{apply_repo, RepoDiff};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -119,8 +121,10 @@ pub async fn apply(
     Ok(applied)
 }
 
-/// Applies `events` (rows, derived tables, actors) without touching the cursor.
-async fn apply_events(
+/// Applies `events` (rows, derived tables, actors) without touching the cursor or its fence:
+/// inside [`apply`], and for writers that hold no lease and follow no stream (backfill's
+/// account statuses from `listRepos`, with [`Revs::Skip`]).
+pub(crate) async fn apply_events(
     tx: &Transaction<'_>,
     events: &[Event],
     revs: Revs,

@@ -9,6 +9,7 @@ mod common;
 mod live_common;
 mod tls_common;
 
+mod backfill;
 mod decode_fixtures;
 mod decode_props;
 mod deploy;

@@ -14,7 +14,7 @@
 //! Hooks: [`StandIn::fail`] makes one DID's `getRepo` answer a status, stall or vanish;
 //! [`StandIn::requests`] counts requests per endpoint and DID; [`StandIn::set_page_limit`] caps
 //! listRepos pages. [`StandIn::identity_config`] points identity resolution here.
-//! Shared by the integration tests and `benches/backfill.rs` (included by path).
+//! Shared by the integration tests and the benchmarks (included by path).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -147,6 +147,8 @@ pub fn snap_network() -> PathBuf {
 #[derive(Default)]
 struct Hooks {
     failures: HashMap<String, Failure>,
+    /// DID documents served instead of the recorded ones.
+    docs: HashMap<String, Value>,
     /// (endpoint, DID or "") → requests served.
     requests: HashMap<(&'static str, String), usize>,
     page_limit: Option<usize>,
@@ -238,9 +240,26 @@ impl StandIn {
         hooks.failures.insert(did.to_owned(), failure);
     }
 
-    /// `did`'s `getRepo` answers its recording again.
+    /// From now on the PLC serves `doc` as `did`'s document (before the endpoint rewrite).
+    pub fn set_doc(&self, did: &str, doc: Value) {
+        self.shared
+            .hooks
+            .lock()
+            .unwrap()
+            .docs
+            .insert(did.to_owned(), doc);
+    }
+
+    /// The recorded document of `did`.
+    pub fn recorded_doc(&self, did: &str) -> Value {
+        self.shared.net.docs[did].clone()
+    }
+
+    /// `did`'s `getRepo` answers its recording again (and its recorded document).
     pub fn heal(&self, did: &str) {
-        self.shared.hooks.lock().unwrap().failures.remove(did);
+        let mut hooks = self.shared.hooks.lock().unwrap();
+        hooks.failures.remove(did);
+        hooks.docs.remove(did);
     }
 
     /// listRepos pages hold at most `limit` repos, whatever the client asks.
@@ -282,10 +301,10 @@ fn xrpc_error(status: u16, error: &str, message: &str) -> Response {
 
 async fn plc(State(s): State<Arc<Shared>>, UrlPath(did): UrlPath<String>) -> Response {
     s.count(PLC, &did);
-    let Some(doc) = s.net.docs.get(&did) else {
+    let replaced = s.hooks.lock().unwrap().docs.get(&did).cloned();
+    let Some(mut doc) = replaced.or_else(|| s.net.docs.get(&did).cloned()) else {
         return (StatusCode::NOT_FOUND, "DID not registered").into_response();
     };
-    let mut doc = doc.clone();
     for service in doc["service"].as_array_mut().into_iter().flatten() {
         let id = service["id"].as_str().unwrap_or_default();
         if id == "#atproto_pds" || id.ends_with("#atproto_pds") {

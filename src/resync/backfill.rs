@@ -1,0 +1,518 @@
+//! Backfill (§13): enumerate a relay's repos with `com.atproto.sync.listRepos`, page by page
+//! (the next page's cursor stored with each page, so a killed backfill resumes there), and
+//! queue every active repo not already synchronized at the listed rev for the resync workers.
+//! Inactive accounts (deactivated, taken down, …) get their status from the listing and are not
+//! fetched. The backfill is over when the last page was read and every listed repo is
+//! synchronized, inactive, or given up with a reason.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{run_workers, ResyncConfig, ResyncStats, Resyncer};
+use crate::firehose::event::Account;
+use crate::firehose::{Event, EventKind};
+use crate::identity::IdentityConfig;
+use crate::metrics as m;
+use crate::repos;
+use crate::retry::{self, Backoff, Jitter, RetryError};
+use crate::txn::{run_tx, RetryPolicy, TxError};
+use crate::writer::{self, WriteError};
+
+/// Repos asked for per `listRepos` page (the lexicon's maximum).
+pub const DEFAULT_PAGE_LIMIT: usize = 1000;
+/// Failed attempts after which backfill gives a repo up (1 + 2 minutes of backoff in all).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Largest `listRepos` page read: 1,000 entries of ~200 bytes, with a wide margin.
+const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Limit on one page request.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts per page before the backfill stops (it resumes at that page when run again).
+const PAGE_ATTEMPTS: u32 = 6;
+/// How often completion is checked and the gauges refreshed.
+const CHECK_PERIOD: Duration = Duration::from_millis(250);
+
+/// Why a backfill stopped before it was over.
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error("listRepos {url}: {reason}")]
+    List { url: String, reason: String },
+    #[error("database: {0}")]
+    Db(#[from] TxError<WriteError>),
+    #[error("database: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("identity setup: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("backfill listing task: {0}")]
+    Task(String),
+    #[error("backfill interrupted; run it again to resume")]
+    Interrupted,
+}
+
+/// Settings of one backfill.
+#[derive(Debug, Clone)]
+pub struct BackfillConfig {
+    /// The relay (or PDS) to enumerate: `http(s)://` or `ws(s)://` (taken as http(s)).
+    pub relay_url: String,
+    pub page_limit: usize,
+    pub identity: IdentityConfig,
+    pub resync: ResyncConfig,
+    /// Transactions of the listing itself.
+    pub retry: RetryPolicy,
+}
+
+/// Where a backfill stands (shared with the progress bar).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub listed: AtomicU64,
+    pub done: AtomicU64,
+    pub failed: AtomicU64,
+    pub inactive: AtomicU64,
+    /// Records written by this process's resyncs.
+    pub records: AtomicU64,
+}
+
+/// How a finished backfill ended.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub listed: u64,
+    pub done: u64,
+    pub inactive: u64,
+    /// (DID, reason) of every repo given up.
+    pub failed: Vec<(String, String)>,
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    cursor: Option<String>,
+    repos: Vec<Listed>,
+}
+
+#[derive(Deserialize)]
+struct Listed {
+    did: String,
+    #[serde(default)]
+    rev: Option<String>,
+    #[serde(default = "yes")]
+    active: bool,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The relay's HTTP base: `ws(s)://` becomes `http(s)://`, trailing `/` dropped.
+pub fn http_base(relay_url: &str) -> String {
+    let url = relay_url.trim_end_matches('/');
+    if let Some(rest) = url.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else if let Some(rest) = url.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else {
+        url.to_owned()
+    }
+}
+
+/// Runs a backfill of `cfg.relay_url` until it is over (`Ok`), `cancel` fires
+/// ([`BackfillError::Interrupted`]) or the listing fails for good. Resync workers run meanwhile
+/// (`cfg.resync.concurrency` of them); `progress` is kept current. A finished earlier run of
+/// the same relay starts over (new repos, new revs).
+pub async fn backfill(
+    pool: Pool,
+    cfg: BackfillConfig,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<Report, BackfillError> {
+    let resyncer = Arc::new(Resyncer::new(
+        pool.clone(),
+        cfg.resync.clone(),
+        &cfg.identity,
+        None,
+        None,
+    )?);
+    // Dropping this future (an aborted task) stops the listing and the workers at once.
+    let inner = cancel.child_token();
+    let _stop = inner.clone().drop_guard();
+    let workers = tokio::spawn(run_workers(
+        resyncer.clone(),
+        CancellationToken::new(),
+        inner.clone(),
+    ));
+    let stats = resyncer.stats().clone();
+    let result = list(pool, cfg, true, progress, stats, inner.clone()).await;
+    inner.cancel();
+    let _ = workers.await;
+    result
+}
+
+/// The listing half of a backfill, for callers that run resync workers of their own (`run
+/// --backfill`): lists the relay's repos, queues them, and returns once every listed repo is
+/// done. `restart_finished`: whether a run of this relay that already finished starts over
+/// (`false`: it is reported as it ended, nothing is listed).
+pub async fn list(
+    pool: Pool,
+    cfg: BackfillConfig,
+    restart_finished: bool,
+    progress: Arc<Progress>,
+    stats: Arc<ResyncStats>,
+    cancel: CancellationToken,
+) -> Result<Report, BackfillError> {
+    // On a blocking thread driving its own future, as the batch writer does: rustc cannot
+    // prove the retrying transaction's async closure `Send` for `spawn` (higher-ranked lifetime
+    // bug), and `run --backfill` spawns this as a task. Dropping this future cancels it.
+    let token = cancel.child_token();
+    let _stop = token.clone().drop_guard();
+    let rt = tokio::runtime::Handle::current();
+    let listing = tokio::task::spawn_blocking(move || {
+        rt.block_on(
+            async move { drive(&pool, &cfg, restart_finished, &stats, &progress, &token).await },
+        )
+    });
+    match listing.await {
+        Ok(r) => r,
+        Err(e) => Err(BackfillError::Task(e.to_string())),
+    }
+}
+
+async fn drive(
+    pool: &Pool,
+    cfg: &BackfillConfig,
+    restart_finished: bool,
+    stats: &ResyncStats,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Report, BackfillError> {
+    let relay = http_base(&cfg.relay_url);
+    let client = reqwest::Client::builder()
+        .timeout(PAGE_TIMEOUT)
+        .user_agent(concat!("atproto-ingest/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BackfillError::List {
+            url: relay.clone(),
+            reason: e.to_string(),
+        })?;
+    let (mut cursor, mut listed_all) = start(pool, &relay, restart_finished).await?;
+    info!(relay = %relay, resume = ?cursor, listed_all, "backfill: enumerating repos");
+    loop {
+        if cancel.is_cancelled() {
+            return Err(BackfillError::Interrupted);
+        }
+        if !listed_all {
+            let page =
+                fetch_page(&client, &relay, cursor.as_deref(), cfg.page_limit, cancel).await?;
+            metrics::counter!(m::BACKFILL_PAGES_TOTAL).increment(1);
+            let next = page
+                .cursor
+                .filter(|c| !c.is_empty() && !page.repos.is_empty());
+            store_page(
+                pool,
+                &cfg.retry,
+                cancel,
+                &relay,
+                &page.repos,
+                next.as_deref(),
+            )
+            .await?;
+            listed_all = next.is_none();
+            cursor = next;
+        }
+        let status = check(pool, &relay, progress, stats).await?;
+        if listed_all && status.pending == 0 {
+            return finish(pool, &relay, status).await;
+        }
+        if listed_all && crate::retry::sleep(CHECK_PERIOD, cancel).await.is_err() {
+            return Err(BackfillError::Interrupted);
+        }
+    }
+}
+
+/// The stored run of `relay`: its resume cursor, or a new run (a finished one starts over).
+async fn start(
+    pool: &Pool,
+    relay: &str,
+    restart_finished: bool,
+) -> Result<(Option<String>, bool), BackfillError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT cursor, listed_all, finished_at IS NOT NULL FROM backfill_runs WHERE relay = $1",
+            &[&relay],
+        )
+        .await?;
+    match row {
+        Some(r) if !restart_finished || !r.try_get::<_, bool>(2)? => {
+            Ok((r.try_get(0)?, r.try_get(1)?))
+        }
+        _ => {
+            client
+                .execute("DELETE FROM backfill_runs WHERE relay = $1", &[&relay])
+                .await?;
+            client
+                .execute("INSERT INTO backfill_runs (relay) VALUES ($1)", &[&relay])
+                .await?;
+            Ok((None, false))
+        }
+    }
+}
+
+async fn fetch_page(
+    client: &reqwest::Client,
+    relay: &str,
+    cursor: Option<&str>,
+    limit: usize,
+    cancel: &CancellationToken,
+) -> Result<Page, BackfillError> {
+    let mut url = format!("{relay}/xrpc/com.atproto.sync.listRepos?limit={limit}");
+    if let Some(c) = cursor {
+        url.push_str("&cursor=");
+        url.push_str(&encode(c));
+    }
+    let backoff = Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(30),
+        jitter: Jitter::Half,
+        max_attempts: Some(PAGE_ATTEMPTS),
+    };
+    let result = retry::retry(
+        &backoff,
+        cancel,
+        async |_| get_page(client, &url).await,
+        |_| false,
+        |e, attempt, delay| {
+            warn!(attempt, error = %e, delay_ms = delay.as_millis() as u64, "listRepos page failed; retrying");
+        },
+    )
+    .await;
+    result.map_err(|e| match e {
+        RetryError::Cancelled { .. } => BackfillError::Interrupted,
+        RetryError::Permanent { error, .. } | RetryError::Exhausted { error, .. } => {
+            BackfillError::List { url, reason: error }
+        }
+    })
+}
+
+async fn get_page(client: &reqwest::Client, url: &str) -> Result<Page, String> {
+    let mut resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > MAX_PAGE_BYTES {
+            return Err(format!("page larger than {MAX_PAGE_BYTES} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        let text: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("bad page: {e}"))
+}
+
+/// Percent-encodes a cursor for a query string.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One page in one transaction: the listed repos recorded, inactive accounts' statuses
+/// written, active repos not synchronized at the listed rev queued, the next cursor stored.
+async fn store_page(
+    pool: &Pool,
+    retry: &RetryPolicy,
+    cancel: &CancellationToken,
+    relay: &str,
+    repos: &[Listed],
+    next: Option<&str>,
+) -> Result<(), BackfillError> {
+    let mut listed: Vec<&Listed> = repos
+        .iter()
+        .filter(|r| crate::firehose::syntax::is_did(&r.did))
+        .collect();
+    listed.sort_by(|a, b| a.did.cmp(&b.did));
+    listed.dedup_by(|a, b| a.did == b.did);
+    let dids: Vec<&str> = listed.iter().map(|r| r.did.as_str()).collect();
+    let revs: Vec<Option<&str>> = listed.iter().map(|r| r.rev.as_deref()).collect();
+    let statuses: Vec<Option<String>> = listed
+        .iter()
+        .map(|r| (!r.active).then(|| r.status.clone().unwrap_or_else(|| "deactivated".into())))
+        .collect();
+    // Inactive accounts: their status as an `#account` event would set it (a `deleted` one
+    // purges what is stored), through the writer.
+    let accounts: Vec<Event> = listed
+        .iter()
+        .zip(&statuses)
+        .filter_map(|(r, s)| {
+            s.as_ref().map(|status| Event {
+                seq: 0,
+                kind: EventKind::Account(Account {
+                    did: r.did.clone(),
+                    active: false,
+                    status: Some(status.clone()),
+                    time: String::new(),
+                }),
+            })
+        })
+        .collect();
+    run_tx(pool, retry, cancel, async |tx| -> Result<(), WriteError> {
+        tx.execute(
+            "INSERT INTO backfill_repos (relay, did, rev, status) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[]) \
+             ON CONFLICT (relay, did) DO UPDATE SET rev = excluded.rev, status = excluded.status",
+            &[&relay, &dids, &revs, &statuses],
+        )
+        .await?;
+        if !accounts.is_empty() {
+            writer::apply_events(tx, &accounts, writer::plan::Revs::Skip).await?;
+        }
+        let due = tx
+            .query(
+                "SELECT u.did FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(did, rev, status) \
+                 WHERE u.status IS NULL AND NOT EXISTS (SELECT 1 FROM actors a WHERE a.did = u.did \
+                   AND a.sync_state = 'synchronized' AND a.rev IS NOT NULL AND a.rev >= u.rev) \
+                 ORDER BY 1",
+                &[&dids, &revs, &statuses],
+            )
+            .await?;
+        let marks = due
+            .iter()
+            .map(|r| Ok((r.try_get::<_, String>(0)?, "backfill")))
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+        repos::desynchronize(&**tx, &marks).await?;
+        tx.execute(
+            "UPDATE backfill_runs SET cursor = $2, listed_all = $3, updated_at = now() WHERE relay = $1",
+            &[&relay, &next, &next.is_none()],
+        )
+        .await?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Listed repos by outcome.
+#[derive(Debug, Default)]
+struct Status {
+    listed: u64,
+    done: u64,
+    inactive: u64,
+    pending: u64,
+}
+
+/// Counts the listed repos by outcome; updates the progress and the gauges.
+async fn check(
+    pool: &Pool,
+    relay: &str,
+    progress: &Progress,
+    stats: &ResyncStats,
+) -> Result<Status, BackfillError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*), \
+               count(*) FILTER (WHERE b.status IS NOT NULL), \
+               count(*) FILTER (WHERE b.status IS NULL AND q.did IS NULL \
+                 AND a.sync_state = 'synchronized'), \
+               count(*) FILTER (WHERE b.status IS NULL AND q.did IS NULL \
+                 AND a.sync_state IS DISTINCT FROM 'synchronized') \
+             FROM backfill_repos b LEFT JOIN actors a ON a.did = b.did \
+             LEFT JOIN resync_queue q ON q.did = b.did WHERE b.relay = $1",
+            &[&relay],
+        )
+        .await?;
+    let n = |i: usize| -> Result<u64, tokio_postgres::Error> {
+        Ok(row.try_get::<_, i64>(i)?.max(0) as u64)
+    };
+    let (listed, inactive, done, failed) = (n(0)?, n(1)?, n(2)?, n(3)?);
+    let status = Status {
+        listed,
+        done,
+        inactive,
+        pending: listed.saturating_sub(done + failed + inactive),
+    };
+    progress.listed.store(listed, Ordering::Relaxed);
+    progress.done.store(done, Ordering::Relaxed);
+    progress.failed.store(failed, Ordering::Relaxed);
+    progress.inactive.store(inactive, Ordering::Relaxed);
+    progress.records.store(
+        stats.records_written.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
+    metrics::gauge!(m::BACKFILL_REPOS_LISTED).set(listed as f64);
+    for (outcome, v) in [
+        ("done", done),
+        ("failed", failed),
+        ("inactive", inactive),
+        ("pending", status.pending),
+    ] {
+        metrics::gauge!(m::BACKFILL_REPOS, "outcome" => outcome).set(v as f64);
+    }
+    Ok(status)
+}
+
+/// Marks the run finished and lists the repos given up, with their reasons.
+async fn finish(pool: &Pool, relay: &str, status: Status) -> Result<Report, BackfillError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE backfill_runs SET finished_at = now(), updated_at = now() WHERE relay = $1",
+            &[&relay],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "SELECT b.did, COALESCE(a.sync_reason, a.sync_state, 'no actor row') \
+             FROM backfill_repos b LEFT JOIN actors a ON a.did = b.did \
+             LEFT JOIN resync_queue q ON q.did = b.did \
+             WHERE b.relay = $1 AND b.status IS NULL AND q.did IS NULL \
+               AND a.sync_state IS DISTINCT FROM 'synchronized' ORDER BY 1",
+            &[&relay],
+        )
+        .await?;
+    let failed = rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<Vec<(String, String)>, tokio_postgres::Error>>()?;
+    info!(
+        listed = status.listed,
+        done = status.done,
+        inactive = status.inactive,
+        failed = failed.len(),
+        "backfill finished"
+    );
+    Ok(Report {
+        listed: status.listed,
+        done: status.done,
+        inactive: status.inactive,
+        failed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls_become_http() {
+        assert_eq!(http_base("wss://bsky.network/"), "https://bsky.network");
+        assert_eq!(http_base("ws://127.0.0.1:9/"), "http://127.0.0.1:9");
+        assert_eq!(http_base("http://x"), "http://x");
+        assert_eq!(encode("17::did:plc:a b"), "17%3A%3Adid%3Aplc%3Aa%20b");
+    }
+}
