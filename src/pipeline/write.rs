@@ -191,7 +191,8 @@ pub(crate) async fn write_lanes(
     lanes: usize,
 ) -> Result<(Applied, u64), TxError<WriteError>> {
     let cursor = batch.cursor();
-    batch.events.sort_by_key(|e| lane_of(e, lanes));
+    // Stable: each lane's events stay in seq order.
+    batch.events.sort_by_cached_key(|e| lane_of(e, lanes));
     let parts: Vec<&[Event]> = batch
         .events
         .chunk_by(|a, b| lane_of(a, lanes) == lane_of(b, lanes))
@@ -259,4 +260,35 @@ async fn set_aside(
             .increment(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firehose::event::{EventKind, Identity};
+
+    fn identity(did: &str, seq: i64) -> Event {
+        Event {
+            seq,
+            kind: EventKind::Identity(Identity {
+                did: did.to_owned(),
+                handle: None,
+                time: String::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_did_always_has_the_same_lane_and_the_dids_spread_over_all_lanes() {
+        let dids: Vec<String> = (0..200).map(|i| format!("did:plc:{i:024}")).collect();
+        let mut used = [0usize; 4];
+        for did in &dids {
+            let lane = lane_of(&identity(did, 1), 4);
+            assert_eq!(lane, lane_of(&identity(did, 99), 4));
+            used[lane] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 20), "{used:?}");
+        assert_eq!(lane_of(&Event::info_at(5), 4), 0);
+        assert_eq!(lane_of(&identity("did:plc:x", 1), 1), 0);
+    }
 }
