@@ -7,6 +7,7 @@
 //! alone; that event goes to `dead_letters`, everything else is written, then the batch's
 //! cursor. The pipeline never stops because of what one event contains.
 
+use crate::resync::Held;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ pub(super) struct WriteStage {
     pub stats: Arc<Stats>,
     /// Receives the durable cursor after every committed batch.
     pub durable: Option<watch::Sender<Option<i64>>>,
+    /// Live events held for repos in resync: the cursor stays below the oldest (§12).
+    pub held: Option<Arc<Held>>,
     /// Fires when the pipeline is dropped (lease lost): the transaction in flight is
     /// abandoned and rolls back, and no further batch is started. Retries are bounded by the
     /// policy; otherwise a batch in flight is finished or failed, never abandoned half-way.
@@ -48,6 +51,7 @@ impl WriteStage {
             retry,
             stats,
             durable,
+            held,
             abort,
         } = self;
         loop {
@@ -65,7 +69,7 @@ impl WriteStage {
                 &retry,
                 &abort,
                 &batch.events,
-                batch.cursor(),
+                below_held(batch.cursor(), held.as_deref()),
                 &cursor,
             );
             let (applied, dead) = tokio::select! {
@@ -86,6 +90,15 @@ impl WriteStage {
                 tx.send_replace(Some(seq));
             }
         }
+    }
+}
+
+/// The batch's cursor, kept below the oldest event held for a repo in resync (§12): such an
+/// event is written by the resync, not by a batch, and must be read again after a crash.
+fn below_held(cursor: Option<i64>, held: Option<&Held>) -> Option<i64> {
+    match (cursor, held.and_then(Held::min_seq)) {
+        (Some(c), Some(oldest)) => Some(c.min(oldest - 1)),
+        (c, _) => c,
     }
 }
 
@@ -192,4 +205,40 @@ async fn set_aside(
             .increment(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firehose::{Event, EventKind};
+    use crate::resync::HeldLimits;
+
+    #[test]
+    fn the_cursor_stays_below_the_oldest_held_event() {
+        let held = Held::new(HeldLimits::default());
+        assert_eq!(below_held(Some(10), None), Some(10));
+        assert_eq!(below_held(Some(10), Some(&held)), Some(10));
+        held.push(Event {
+            seq: 7,
+            kind: EventKind::Info {
+                name: String::new(),
+                message: None,
+            },
+        })
+        .unwrap_err();
+        held.begin("did:plc:a");
+        held.push(Event {
+            seq: 7,
+            kind: EventKind::Account(crate::firehose::event::Account {
+                did: "did:plc:a".into(),
+                active: true,
+                status: None,
+                time: String::new(),
+            }),
+        })
+        .unwrap();
+        assert_eq!(below_held(Some(10), Some(&held)), Some(6));
+        assert_eq!(below_held(Some(5), Some(&held)), Some(5));
+        assert_eq!(below_held(None, Some(&held)), None);
+    }
 }
