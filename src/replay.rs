@@ -73,11 +73,12 @@ pub async fn replay_with_resync(
         fence: 0,
     };
     let resolver = creator.as_ref().and_then(|c| c.resolver().cloned());
-    let workers = match resync {
-        Some(rcfg) => {
+    let held = resync.as_ref().map(|r| Arc::new(Held::new(r.held)));
+    let workers = match (resync, &held) {
+        (Some(rcfg), Some(held)) => {
             let live = Live {
                 fence: cfg.cursor.clone(),
-                held: Arc::new(Held::new(rcfg.held)),
+                held: held.clone(),
             };
             let resyncer = Resyncer::new(
                 pool.clone(),
@@ -95,11 +96,12 @@ pub async fn replay_with_resync(
             ));
             Some((finish, run))
         }
-        None => None,
+        _ => None,
     };
     let handles = PipelineHandles {
         durable: None,
         creator,
+        held,
     };
     let result = pipeline::run(pool, cfg, handles, Input::Files(files), cancel, stats).await;
     if let Some((finish, run)) = workers {

@@ -101,11 +101,13 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
             anchored_rx
         }
     };
-    // Resync workers (and the backfill listing) while leading, fenced like the batches.
-    if let Some(rcfg) = &cfg.resync {
+    // Resync workers (and the backfill listing) while leading, fenced like the batches. The
+    // held-event store is shared with the pipeline, which holds live events of repos in resync.
+    let held = cfg.resync.as_ref().map(|r| Arc::new(Held::new(r.held)));
+    if let (Some(rcfg), Some(held)) = (&cfg.resync, &held) {
         let live = Live {
             fence: pcfg.cursor.clone(),
-            held: Arc::new(Held::new(rcfg.held)),
+            held: held.clone(),
         };
         let resolver = ctx.creator.and_then(|c| c.resolver().cloned());
         let resyncer = match Resyncer::new(
@@ -136,6 +138,7 @@ pub(super) async fn term(ctx: &Ctx<'_>, leadership: &Leadership, resume: Option<
         pipeline::PipelineHandles {
             durable: Some(cursor_tx),
             creator: ctx.creator.cloned(),
+            held,
         },
         Input::Live(frames_rx),
         term.clone(),

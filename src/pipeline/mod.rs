@@ -45,6 +45,7 @@ use crate::cursor::CursorKey;
 use crate::firehose::fixture::{self, RawFrame};
 use crate::firehose::CommitLimits;
 use crate::identity::{Resolver, UserCreator};
+use crate::resync::Held;
 use crate::txn::{RetryPolicy, TxError};
 use crate::writer::WriteError;
 use batcher::Batch;
@@ -129,6 +130,10 @@ pub struct PipelineHandles {
     /// The user creator to share (one semaphore and cache with the re-resolution job). `None`:
     /// the users stage builds its own from [`UsersConfig`].
     pub creator: Option<UserCreator>,
+    /// Live events held for repos in resync (§12), shared with the resync workers: the verify
+    /// stage holds there, the writer keeps the durable cursor below what is held. `None`: no
+    /// resync runs, events of repos awaiting one are left to it.
+    pub held: Option<Arc<Held>>,
 }
 
 /// Where frames come from.
@@ -241,6 +246,7 @@ pub async fn run(
             resolver,
             cfg.verify_cache_repos,
             stats.verify.clone(),
+            handles.held.clone(),
         );
         let task = AbortOnDropHandle::new(tokio::spawn(stage.run(users_rx, tx)));
         (rx, Some(task))
@@ -270,6 +276,7 @@ pub async fn run(
             stats,
             lanes: cfg.writer_lanes,
             durable: handles.durable,
+            held: handles.held,
             abort,
         };
         let rt = tokio::runtime::Handle::current();

@@ -318,9 +318,10 @@ impl Stats {
                 .collect();
             let _ = writeln!(
                 s,
-                "commits verified: {verified}, rejected: {rejected} ({}), repos desynchronized: {desynchronized}, commits left to resyncs: {}",
+                "commits verified: {verified}, rejected: {rejected} ({}), repos desynchronized: {desynchronized}, commits left to resyncs: {}, events held for a running resync: {}",
                 if by.is_empty() { "none".to_owned() } else { by.join(", ") },
-                v.not_applied.load(Ordering::Relaxed)
+                v.not_applied.load(Ordering::Relaxed),
+                v.held.load(Ordering::Relaxed)
             );
         }
         let line = |s: &mut String, title: &str, items: Vec<String>| {

@@ -10,8 +10,11 @@
 //! 3. in seq order, each verified commit is checked against its repo's head: `since` must be
 //!    the stored `rev` and `prevData` the stored `data` (a commit not newer than the head is a
 //!    replay and passes on; the writer skips it). A commit that does not chain desynchronizes
-//!    its repo; while a repo is not synchronized its live commits are not applied (the resync
-//!    brings the repo to its PDS's state, which includes them).
+//!    its repo; while a repo is not synchronized its live commits are not applied: the resync
+//!    to come fetches the repo after them, so its CAR includes them. While a resync of the
+//!    repo is running (`Held::begin` .. `finish`/`abandon`), every live event of the repo is
+//!    held instead ([`Held`]): the CAR being fetched may miss it; the resync applies it after
+//!    the CAR, and the writer keeps the durable cursor below the oldest held event.
 //!
 //! A commit that fails verification writes nothing and is counted by reason. On a bad
 //! signature the DID document is fetched again once (the key may have rotated). A repo
@@ -35,6 +38,7 @@ use crate::firehose::{Event, EventKind};
 use crate::identity::Resolver;
 use crate::metrics as m;
 use crate::repos::{self, Head, SYNCHRONIZED};
+use crate::resync::Held;
 use crate::sync::{verify_commit, verify_sync, PublicKey, VerifyError};
 
 /// Repos whose head and key the stage remembers (~250 bytes each: ~25 MB at most). Far more
@@ -94,6 +98,8 @@ pub struct VerifyStats {
     pub desynchronized: AtomicU64,
     /// Commits of repos awaiting a resync, not applied.
     pub not_applied: AtomicU64,
+    /// Events held for a repo whose resync was running.
+    pub held: AtomicU64,
     /// Rejections by reason (fixed labels of [`VerifyError::reason`] plus
     /// [`KEY_UNAVAILABLE`]: bounded).
     rejected_by: Mutex<BTreeMap<&'static str, u64>>,
@@ -143,6 +149,8 @@ impl Repo {
 /// The stage: owns its cache; one task.
 pub(super) struct VerifyStage {
     pool: Pool,
+    /// Where live events of repos in resync wait (shared with the resync workers).
+    held: Option<Arc<Held>>,
     resolver: Arc<Resolver>,
     repos: LruCache<String, Repo>,
     stats: Arc<VerifyStats>,
@@ -172,10 +180,12 @@ impl VerifyStage {
         resolver: Arc<Resolver>,
         cache_repos: usize,
         stats: Arc<VerifyStats>,
+        held: Option<Arc<Held>>,
     ) -> Self {
         let cap = NonZeroUsize::new(cache_repos.max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
             pool,
+            held,
             resolver,
             repos: LruCache::new(cap),
             stats,
@@ -283,7 +293,9 @@ impl VerifyStage {
                             r.key = None;
                         }
                     }
-                    out.push(ev);
+                    if let Some(ev) = self.hold_if_resyncing(ev) {
+                        out.push(ev);
+                    }
                     continue;
                 }
                 Check::NoKey => {
@@ -302,14 +314,17 @@ impl VerifyStage {
                 Check::Ok { data } => data,
             };
             self.verified();
+            if let EventKind::Commit(c) = &mut ev.kind {
+                c.data = Some(data);
+            }
+            let Some(mut ev) = self.hold_if_resyncing(ev) else {
+                continue;
+            };
             match &mut ev.kind {
                 EventKind::Commit(c) => {
                     let repo = self.repos.get_or_insert_mut(c.repo.clone(), Repo::default);
                     match continues(repo, c, data) {
-                        Continuity::Applies | Continuity::Replayed => {
-                            c.data = Some(data);
-                            out.push(ev);
-                        }
+                        Continuity::Applies | Continuity::Replayed => out.push(ev),
                         Continuity::AwaitsResync => {
                             self.stats.not_applied.fetch_add(1, Ordering::Relaxed);
                             metrics::counter!(m::EVENTS_OF_DESYNCHRONIZED_REPOS_TOTAL).increment(1);
@@ -342,6 +357,27 @@ impl VerifyStage {
         }
         chunk.events = out;
         Ok(chunk)
+    }
+
+    /// Holds `ev` when its repo's resync is running (the CAR being fetched may not contain
+    /// it); the resync applies it afterwards. Returns the event when it is not held.
+    fn hold_if_resyncing(&mut self, ev: Event) -> Option<Event> {
+        let (Some(held), Some(did)) = (self.held.as_ref(), ev.kind.did()) else {
+            return Some(ev);
+        };
+        if !held.is_holding(did) {
+            return Some(ev);
+        }
+        // Its head changes under the resync: read it again from `actors` afterwards.
+        if let Some(r) = self.repos.get_mut(did) {
+            r.synchronized = false;
+        }
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        if held.push(ev).is_err() {
+            // Past the store's bound: the repo is resynced again once this resync is done.
+            self.stats.not_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        None
     }
 
     fn verified(&self) {

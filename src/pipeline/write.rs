@@ -17,6 +17,7 @@
 //! aggregate rows are upserted in key order by every lane; a deadlock (40P01) is retried by
 //! [`txn::run_tx`].
 
+use crate::resync::Held;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -42,6 +43,8 @@ pub(super) struct WriteStage {
     pub lanes: usize,
     /// Receives the durable cursor after every committed batch.
     pub durable: Option<watch::Sender<Option<i64>>>,
+    /// Live events held for repos in resync: the cursor stays below the oldest (§12).
+    pub held: Option<Arc<Held>>,
     /// Fires when the pipeline is dropped (lease lost): the transaction in flight is
     /// abandoned and rolls back, and no further batch is started. Retries are bounded by the
     /// policy; otherwise a batch in flight is finished or failed, never abandoned half-way.
@@ -61,6 +64,7 @@ impl WriteStage {
             stats,
             lanes,
             durable,
+            held,
             abort,
         } = self;
         loop {
@@ -73,12 +77,22 @@ impl WriteStage {
                 },
             };
             let started = std::time::Instant::now();
+            let batch_cursor = below_held(batch.cursor(), held.as_deref());
             let write = async {
                 if lanes > 1 {
-                    write_lanes(&pool, &retry, &abort, &mut batch, &cursor, lanes).await
+                    write_lanes(
+                        &pool,
+                        &retry,
+                        &abort,
+                        &mut batch,
+                        batch_cursor,
+                        &cursor,
+                        lanes,
+                    )
+                    .await
                 } else {
                     let events = &batch.events;
-                    write_isolating(&pool, &retry, &abort, events, batch.cursor(), &cursor).await
+                    write_isolating(&pool, &retry, &abort, events, batch_cursor, &cursor).await
                 }
             };
             let (applied, dead) = tokio::select! {
@@ -99,6 +113,15 @@ impl WriteStage {
                 tx.send_replace(Some(seq));
             }
         }
+    }
+}
+
+/// The batch's cursor, kept below the oldest event held for a repo in resync (§12): such an
+/// event is written by the resync, not by a batch, and must be read again after a crash.
+fn below_held(cursor: Option<i64>, held: Option<&Held>) -> Option<i64> {
+    match (cursor, held.and_then(Held::min_seq)) {
+        (Some(c), Some(oldest)) => Some(c.min(oldest - 1)),
+        (c, _) => c,
     }
 }
 
@@ -177,9 +200,9 @@ pub(crate) fn lane_of(ev: &Event, lanes: usize) -> usize {
     }
 }
 
-/// Writes `batch` through `lanes` writer lanes (see the module docs): its events are sorted
-/// by lane (stable: each DID's events stay in seq order), each lane's run is written
-/// concurrently by [`write_isolating`] without a cursor, then [`writer::settle_lanes`] stores
+/// Writes `batch` and then `cursor` through `lanes` writer lanes (see the module docs): its
+/// events are sorted by lane (stable: each DID's events stay in seq order), each lane's run is
+/// written concurrently by [`write_isolating`] without a cursor, then [`writer::settle_lanes`] stores
 /// the cursor once all have committed. If any lane fails, the others are dropped (their
 /// transaction in flight rolls back) and the cursor stays where it was.
 pub(crate) async fn write_lanes(
@@ -187,10 +210,10 @@ pub(crate) async fn write_lanes(
     policy: &RetryPolicy,
     abort: &CancellationToken,
     batch: &mut Batch,
+    cursor: Option<i64>,
     key: &CursorKey,
     lanes: usize,
 ) -> Result<(Applied, u64), TxError<WriteError>> {
-    let cursor = batch.cursor();
     // Stable: each lane's events stay in seq order.
     batch.events.sort_by_cached_key(|e| lane_of(e, lanes));
     let parts: Vec<&[Event]> = batch
@@ -265,7 +288,9 @@ async fn set_aside(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::firehose::event::{EventKind, Identity};
+    use crate::firehose::event::Identity;
+    use crate::firehose::{Event, EventKind};
+    use crate::resync::HeldLimits;
 
     fn identity(did: &str, seq: i64) -> Event {
         Event {
@@ -290,5 +315,34 @@ mod tests {
         assert!(used.iter().all(|&n| n > 20), "{used:?}");
         assert_eq!(lane_of(&Event::info_at(5), 4), 0);
         assert_eq!(lane_of(&identity("did:plc:x", 1), 1), 0);
+    }
+
+    #[test]
+    fn the_cursor_stays_below_the_oldest_held_event() {
+        let held = Held::new(HeldLimits::default());
+        assert_eq!(below_held(Some(10), None), Some(10));
+        assert_eq!(below_held(Some(10), Some(&held)), Some(10));
+        held.push(Event {
+            seq: 7,
+            kind: EventKind::Info {
+                name: String::new(),
+                message: None,
+            },
+        })
+        .unwrap_err();
+        held.begin("did:plc:a");
+        held.push(Event {
+            seq: 7,
+            kind: EventKind::Account(crate::firehose::event::Account {
+                did: "did:plc:a".into(),
+                active: true,
+                status: None,
+                time: String::new(),
+            }),
+        })
+        .unwrap();
+        assert_eq!(below_held(Some(10), Some(&held)), Some(6));
+        assert_eq!(below_held(Some(5), Some(&held)), Some(5));
+        assert_eq!(below_held(None, Some(&held)), None);
     }
 }

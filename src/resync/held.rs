@@ -134,6 +134,28 @@ impl Held {
         Ok(())
     }
 
+    /// A resync of `did` starts (before its `getRepo`): from now on the pipeline holds the
+    /// repo's live events, which the CAR about to be fetched may not contain yet.
+    pub fn begin(&self, did: &str) {
+        let mut inner = self.lock();
+        inner.repos.entry(did.to_owned()).or_default();
+        publish(&inner);
+    }
+
+    /// The resync of `did` failed: its held events are dropped and the repo released. Nothing
+    /// is lost: the repo stays desynchronized, and its next resync fetches a CAR made after
+    /// every event dropped here. Releasing lets the durable cursor move on while the repo
+    /// backs off (up to an hour).
+    pub fn abandon(&self, did: &str) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if let Some(repo) = inner.repos.remove(did) {
+            inner.events -= repo.events.len();
+            inner.bytes -= repo.bytes;
+        }
+        publish(inner);
+    }
+
     /// Whether events of `did` are being held (the pipeline must hold its next ones too).
     pub fn is_holding(&self, did: &str) -> bool {
         self.lock().repos.contains_key(did)
@@ -215,6 +237,27 @@ mod tests {
                 time: String::new(),
             }),
         }
+    }
+
+    #[test]
+    fn a_running_resync_holds_and_a_failed_one_releases() {
+        let held = Held::new(HeldLimits::default());
+        assert!(!held.is_holding("did:plc:a"));
+        held.begin("did:plc:a");
+        assert!(
+            held.is_holding("did:plc:a"),
+            "held from the start of the resync"
+        );
+        assert_eq!(held.min_seq(), None, "nothing held yet: the cursor is free");
+        held.push(ev(3, "did:plc:a")).unwrap();
+        held.push(ev(4, "did:plc:b")).unwrap();
+        assert_eq!(held.min_seq(), Some(3));
+        held.abandon("did:plc:a");
+        assert!(!held.is_holding("did:plc:a"));
+        assert_eq!(held.min_seq(), Some(4));
+        assert_eq!(held.sizes().1, 1);
+        held.abandon("did:plc:never");
+        assert_eq!(held.sizes().0, 1);
     }
 
     #[test]

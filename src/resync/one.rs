@@ -41,6 +41,23 @@ impl Resyncer {
         did: &str,
         cancel: &CancellationToken,
     ) -> Result<Resynced, ResyncError> {
+        // Live events of the repo are held from now on (the CAR may miss them); a failed
+        // attempt releases them, its next attempt fetching a newer CAR.
+        if let Some(live) = &self.live {
+            live.held.begin(did);
+        }
+        let result = self.fetch_and_write(did, cancel).await;
+        if let (Err(_), Some(live)) = (&result, &self.live) {
+            live.held.abandon(did);
+        }
+        result
+    }
+
+    async fn fetch_and_write(
+        &self,
+        did: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Resynced, ResyncError> {
         let identity = self.resolver.resolve(did).await?;
         let endpoint = identity.pds_endpoint.clone().ok_or(ResyncError::NoPds)?;
         let car = self.pds.get_repo(&endpoint, did).await?;

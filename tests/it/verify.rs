@@ -155,9 +155,9 @@ fn uri_of(f: &reframe::Frame, i: usize) -> String {
     format!("at://{repo}/{path}")
 }
 
-#[sqlx::test(migrations = false)]
-async fn forged_and_missing_commits_store_nothing_forged_and_desynchronize(pool: sqlx::PgPool) {
-    let net = StandIn::snap().await;
+/// `snap.frames` with three repos broken: a forged op, an altered commit block, a commit left
+/// out (seqs renumbered). Returns the frames, the broken DIDs and the URIs only they carried.
+fn tampered_snap() -> (Vec<Vec<u8>>, [String; 3], [String; 3]) {
     let mut frames = snap_frames();
     let candidates = commits_followed_by_another(&frames);
     // Three different repos: one forged op, one altered commit block, one commit left out.
@@ -208,6 +208,18 @@ async fn forged_and_missing_commits_store_nothing_forged_and_desynchronize(pool:
         *m = f.encode();
     }
 
+    (
+        frames,
+        [forged_did, resigned_did, dropped_did],
+        [forged_uri, resigned_uri, dropped_uri],
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn forged_and_missing_commits_store_nothing_forged_and_desynchronize(pool: sqlx::PgPool) {
+    let net = StandIn::snap().await;
+    let (frames, [forged_did, resigned_did, dropped_did], [forged_uri, resigned_uri, dropped_uri]) =
+        tampered_snap();
     let stats = replay_frames(&pool, &frames, verifying(&net)).await;
     let rejected = stats.verify.rejected_by_reason();
     assert_eq!(rejected.get("op_not_proven"), Some(&1), "{rejected:?}");
@@ -321,4 +333,53 @@ async fn live_run_verifies_with_the_users_stage_resolver(pool: sqlx::PgPool) {
             .unwrap();
     assert!(verified_heads >= 45, "{verified_heads}");
     live_common::cleanup(&prefix).await;
+}
+
+/// The same tampered corpus replayed with resync workers: nothing forged is ever stored, the
+/// broken repos are resynced from their CARs, and the end state is the truth.
+#[sqlx::test(migrations = false)]
+async fn broken_repos_are_resynced_to_the_truth(pool: sqlx::PgPool) {
+    use atproto_ingest::replay::replay_with_resync;
+    use atproto_ingest::resync::ResyncConfig;
+
+    let net = StandIn::snap().await;
+    let (frames, dids, _) = tampered_snap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    reframe::write_fixture(file.path(), &frames);
+    let stats = Arc::new(Stats::default());
+    let resync = ResyncConfig {
+        poll_interval: std::time::Duration::from_millis(50),
+        ..ResyncConfig::default()
+    };
+    replay_with_resync(
+        &common::db_config(&pool),
+        vec![file.path().to_owned()],
+        verifying(&net),
+        Some(resync),
+        CancellationToken::new(),
+        stats.clone(),
+    )
+    .await
+    .unwrap();
+    eprintln!("{}", stats.summary());
+    assert_eq!(stats.verify.rejected.load(Ordering::Relaxed), 2);
+    let texts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM posts WHERE text = 'forged by the relay'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(texts, 0);
+    common::assert_matches_truth(&pool, &common::truth("snap")).await;
+    let (states, queued) = broken(&pool).await;
+    assert!(
+        states.is_empty() && queued.is_empty(),
+        "{states:?} {queued:?}"
+    );
+    for did in &dids {
+        assert_eq!(
+            net.requests(crate::common::standin::GET_REPO, did),
+            1,
+            "{did}"
+        );
+    }
 }
