@@ -244,7 +244,10 @@ mod tests {
         let held = Held::new(HeldLimits::default());
         assert!(!held.is_holding("did:plc:a"));
         held.begin("did:plc:a");
-        assert!(held.is_holding("did:plc:a"), "held from the start of the resync");
+        assert!(
+            held.is_holding("did:plc:a"),
+            "held from the start of the resync"
+        );
         assert_eq!(held.min_seq(), None, "nothing held yet: the cursor is free");
         held.push(ev(3, "did:plc:a")).unwrap();
         held.push(ev(4, "did:plc:b")).unwrap();
