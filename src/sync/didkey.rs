@@ -37,7 +37,7 @@ impl Curve {
 /// decompresses the point, which costs about as much as a signature check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicKey {
-    K256(k256::ecdsa::VerifyingKey),
+    K256(secp256k1::PublicKey),
     P256(p256::ecdsa::VerifyingKey),
 }
 
@@ -69,10 +69,13 @@ impl PublicKey {
     /// A key from its SEC1 bytes (33-byte compressed or 65-byte uncompressed).
     pub fn from_sec1(curve: Curve, key: &[u8]) -> Result<Self, KeyError> {
         match curve {
-            Curve::K256 => k256::ecdsa::VerifyingKey::from_sec1_bytes(key).map(Self::K256),
-            Curve::P256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(key).map(Self::P256),
+            Curve::K256 => secp256k1::PublicKey::from_slice(key)
+                .map(Self::K256)
+                .map_err(|_| KeyError::BadPoint),
+            Curve::P256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(key)
+                .map(Self::P256)
+                .map_err(|_| KeyError::BadPoint),
         }
-        .map_err(|_| KeyError::BadPoint)
     }
 
     pub fn curve(&self) -> Curve {
@@ -85,7 +88,7 @@ impl PublicKey {
     /// The key as `did:key:z…` (compressed), the form PLC operations use.
     pub fn to_did_key(&self) -> String {
         let point = match self {
-            Self::K256(k) => k.to_encoded_point(true).as_bytes().to_vec(),
+            Self::K256(k) => k.serialize().to_vec(),
             Self::P256(k) => k.to_encoded_point(true).as_bytes().to_vec(),
         };
         format!("{DID_KEY}{}", encode_multikey(self.curve(), &point))

@@ -9,20 +9,28 @@ use crate::firehose::cbor::item_len;
 /// A compact ECDSA signature is `r ‖ s`, 32 bytes each.
 const SIG_BYTES: usize = 64;
 
+/// libsecp256k1's verification context, built once (its tables take a moment).
+static K256_VERIFIER: std::sync::LazyLock<secp256k1::Secp256k1<secp256k1::VerifyOnly>> =
+    std::sync::LazyLock::new(secp256k1::Secp256k1::verification_only);
+
 impl PublicKey {
     /// Verifies `sig` over `msg` (hashed with SHA-256). Rejects DER, wrong lengths and high-S
-    /// signatures on both curves: `k256` rejects high-S itself, `p256` does not, so S is
-    /// checked here for both.
+    /// signatures on both curves: libsecp256k1 rejects high-S itself, `p256` does not, so S
+    /// is checked here for it.
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), VerifyError> {
-        use k256::ecdsa::signature::Verifier;
+        use p256::ecdsa::signature::Verifier;
         if sig.len() != SIG_BYTES {
             return Err(VerifyError::BadSignature);
         }
         let ok = match self {
-            Self::K256(key) => k256::ecdsa::Signature::from_slice(sig)
-                .ok()
-                .filter(|s| s.normalize_s().is_none())
-                .is_some_and(|s| key.verify(msg, &s).is_ok()),
+            Self::K256(key) => {
+                let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(msg).into();
+                secp256k1::ecdsa::Signature::from_compact(sig).is_ok_and(|s| {
+                    K256_VERIFIER
+                        .verify_ecdsa(&secp256k1::Message::from_digest(digest), &s, key)
+                        .is_ok()
+                })
+            }
             Self::P256(key) => p256::ecdsa::Signature::from_slice(sig)
                 .ok()
                 .filter(|s| s.normalize_s().is_none())
