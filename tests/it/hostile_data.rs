@@ -220,11 +220,7 @@ async fn hostile_records_are_stored_sanitized_and_nothing_stops(pool: sqlx::PgPo
     .expect("a replay with hostile records ends normally");
     eprintln!("{}", stats.summary());
 
-    let cursor: i64 =
-        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let cursor = common::replay_cursor(&pool).await;
     assert_eq!(cursor, 2000);
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&pool)
@@ -342,11 +338,7 @@ async fn a_refused_event_is_isolated_dead_lettered_and_retried(pool: sqlx::PgPoo
     .await
     .expect("a refused event does not stop the replay");
     assert_eq!(stats.dead_letters.load(Ordering::Relaxed), 1);
-    let cursor: i64 =
-        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let cursor = common::replay_cursor(&pool).await;
     assert_eq!(cursor, 2000);
 
     let pg = common::deadpool(&pool, 2).await;

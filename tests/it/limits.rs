@@ -214,11 +214,7 @@ async fn a_commit_over_the_op_limit_is_skipped_and_its_repo_desynchronized(pool:
     .unwrap();
     assert_eq!(hostile_rows, 0);
     common::assert_matches_truth(&pool, &common::truth("small")).await;
-    let cursor: i64 =
-        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let cursor = common::replay_cursor(&pool).await;
     assert_eq!(cursor, LAST_SEQ);
 }
 

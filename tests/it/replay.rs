@@ -22,18 +22,7 @@ async fn replay_fixture(
     name: &str,
     cfg: PipelineConfig,
 ) -> Arc<Stats> {
-    let stats = Arc::new(Stats::default());
-    replay(
-        db,
-        vec![common::fixture(name)],
-        cfg,
-        CancellationToken::new(),
-        stats.clone(),
-    )
-    .await
-    .unwrap();
-    eprintln!("{}", stats.summary());
-    stats
+    common::replay_files(db, vec![common::fixture(name)], cfg).await
 }
 
 #[sqlx::test(migrations = false)]
@@ -44,11 +33,7 @@ async fn small_replay_equals_truth_and_replays_change_nothing(pool: sqlx::PgPool
     assert_eq!(stats.invalid_total(), 6, "the six validate:false records");
     let truth = common::truth("small");
     common::assert_matches_truth(&pool, &truth).await;
-    let cursor: i64 =
-        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let cursor = common::replay_cursor(&pool).await;
     assert_eq!(cursor, 2000);
 
     let before = common::snapshot(&pool).await;
@@ -110,11 +95,7 @@ async fn interleaved_writer_lanes_end_at_the_truth(pool: sqlx::PgPool) {
     let stats = replay_fixture(&db, "small.frames", lanes_cfg()).await;
     assert!(stats.batches.load(std::sync::atomic::Ordering::Relaxed) > 100);
     common::assert_matches_truth(&pool, &common::truth("small")).await;
-    let cursor: i64 =
-        sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let cursor = common::replay_cursor(&pool).await;
     assert_eq!(cursor, 2000);
     let before = common::snapshot(&pool).await;
     let again = replay_fixture(&db, "small.frames", lanes_cfg()).await;

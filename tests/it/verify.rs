@@ -15,7 +15,6 @@ use atproto_ingest::firehose::event::EventKind;
 use atproto_ingest::firehose::fixture::{open, FrameReader, RawFrame};
 use atproto_ingest::firehose::frame;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
-use atproto_ingest::replay::replay;
 use tokio_util::sync::CancellationToken;
 
 fn verifying(net: &StandIn) -> PipelineConfig {
@@ -43,18 +42,7 @@ fn snap_frames() -> Vec<Vec<u8>> {
 async fn replay_frames(pool: &sqlx::PgPool, frames: &[Vec<u8>], cfg: PipelineConfig) -> Arc<Stats> {
     let file = tempfile::NamedTempFile::new().unwrap();
     reframe::write_fixture(file.path(), frames);
-    let stats = Arc::new(Stats::default());
-    replay(
-        &common::db_config(pool),
-        vec![file.path().to_owned()],
-        cfg,
-        CancellationToken::new(),
-        stats.clone(),
-    )
-    .await
-    .unwrap();
-    eprintln!("{}", stats.summary());
-    stats
+    common::replay_files(&common::db_config(pool), vec![file.path().to_owned()], cfg).await
 }
 
 /// (state, reason) per repo that is not synchronized, and the resync queue's DIDs.

@@ -343,3 +343,32 @@ pub fn first_frames(name: &str, n: usize) -> tempfile::NamedTempFile {
     w.flush().unwrap();
     file
 }
+
+/// Replays `files` into `db` with `cfg` to the end (its summary printed) and returns its
+/// counters.
+pub async fn replay_files(
+    db: &DbConfig,
+    files: Vec<PathBuf>,
+    cfg: atproto_ingest::pipeline::PipelineConfig,
+) -> std::sync::Arc<atproto_ingest::pipeline::Stats> {
+    let stats = std::sync::Arc::new(atproto_ingest::pipeline::Stats::default());
+    atproto_ingest::replay::replay(
+        db,
+        files,
+        cfg,
+        tokio_util::sync::CancellationToken::new(),
+        stats.clone(),
+    )
+    .await
+    .unwrap();
+    eprintln!("{}", stats.summary());
+    stats
+}
+
+/// The cursor `replay` stored.
+pub async fn replay_cursor(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT seq FROM firehose_cursor WHERE service = 'replay'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
