@@ -41,10 +41,7 @@ fn main() {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(4);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async move {
         let mut db = DbConfig::new(url.clone());
         db.pool_size = concurrency + 2;

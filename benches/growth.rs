@@ -16,15 +16,10 @@ mod reframe;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
 
-use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::db::DbConfig;
 use atproto_ingest::firehose::fixture::{self, FrameReader, FrameWriter, RawFrame};
-use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use ipld_core::ipld::Ipld;
-use tokio_util::sync::CancellationToken;
 
 /// base32 alphabet of `did:plc` identifiers.
 const PLC: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -112,10 +107,7 @@ fn main() {
         .map(|v| v.parse().expect("BENCH_WRITER_LANES"))
         .unwrap_or(2);
     let url = common::database_url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async move {
         common::drop_database(&url).await;
         let db = DbConfig::new(url.clone());
@@ -127,17 +119,9 @@ fn main() {
                 copy(&path, k, 1 << 32)
             };
             let before = rows_in(&db).await;
-            let stats = Arc::new(Stats::default());
-            let mut cfg = PipelineConfig::new(CursorKey {
-                service: String::new(),
-                fence: 0,
-            });
+            let mut cfg = common::replay_config();
             cfg.writer_lanes = lanes;
-            let started = Instant::now();
-            atproto_ingest::replay::replay(&db, vec![file], cfg, CancellationToken::new(), stats.clone())
-                .await
-                .expect("replay");
-            let secs = started.elapsed().as_secs_f64();
+            let (stats, secs) = common::timed_replay(&db, vec![file], cfg).await;
             let events = stats.events_written.load(Ordering::Relaxed);
             println!(
                 "growth: copy {k}: {before} rows before, {events} events in {secs:.2}s = {:.0} events/s, {:.0} rows/s (writer lanes {lanes})",

@@ -46,10 +46,7 @@ fn main() {
         return;
     };
     let url = common::database_url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     // A child: one run, its numbers on the last line (a fresh process: its own peak RSS).
     if let Ok(n) = std::env::var(CHILD_LANES) {
         // `N` or `NxOPS`: N writer lanes, batches of OPS ops.

@@ -17,13 +17,8 @@ mod standin;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
 
-use atproto_ingest::cursor::CursorKey;
 use atproto_ingest::db::DbConfig;
-use atproto_ingest::pipeline::{PipelineConfig, Stats};
-use tokio_util::sync::CancellationToken;
 
 fn main() {
     let rounds: usize = std::env::args()
@@ -38,35 +33,20 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|_| common::shared("bfbench.network"));
     let url = common::database_url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async move {
         let net = standin::StandIn::start(standin::Network::load(&network)).await;
         let mut results: Vec<(bool, f64)> = Vec::new();
         for _ in 0..rounds {
             for verify in [false, true] {
                 common::drop_database(&url).await;
-                let mut cfg = PipelineConfig::new(CursorKey {
-                    service: String::new(),
-                    fence: 0,
-                });
+                let mut cfg = common::replay_config();
                 cfg.verify_commits = verify;
                 cfg.users.identity = net.identity_config();
                 cfg.users.identity.resolve_identities = false;
-                let stats = Arc::new(Stats::default());
-                let started = Instant::now();
-                atproto_ingest::replay::replay(
-                    &DbConfig::new(url.clone()),
-                    vec![path.clone()],
-                    cfg,
-                    CancellationToken::new(),
-                    stats.clone(),
-                )
-                .await
-                .expect("replay");
-                let secs = started.elapsed().as_secs_f64();
+                let (stats, secs) =
+                    common::timed_replay(&DbConfig::new(url.clone()), vec![path.clone()], cfg)
+                        .await;
                 let events = stats.events_written.load(Ordering::Relaxed);
                 let v = &stats.verify;
                 println!(

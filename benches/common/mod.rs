@@ -151,3 +151,39 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
     }
 }
+
+/// The benchmarks' multi-threaded runtime.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A replay's pipeline settings at their defaults.
+pub fn replay_config() -> atproto_ingest::pipeline::PipelineConfig {
+    atproto_ingest::pipeline::PipelineConfig::new(atproto_ingest::cursor::CursorKey {
+        service: String::new(),
+        fence: 0,
+    })
+}
+
+/// Replays `files` into `db` with `cfg`; its counters and wall time in seconds.
+pub async fn timed_replay(
+    db: &DbConfig,
+    files: Vec<PathBuf>,
+    cfg: atproto_ingest::pipeline::PipelineConfig,
+) -> (std::sync::Arc<atproto_ingest::pipeline::Stats>, f64) {
+    let stats = std::sync::Arc::new(atproto_ingest::pipeline::Stats::default());
+    let started = std::time::Instant::now();
+    atproto_ingest::replay::replay(
+        db,
+        files,
+        cfg,
+        tokio_util::sync::CancellationToken::new(),
+        stats.clone(),
+    )
+    .await
+    .expect("replay");
+    (stats, started.elapsed().as_secs_f64())
+}
