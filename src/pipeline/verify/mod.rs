@@ -22,6 +22,8 @@
 //! Desynchronization marks are written at once (`repos::desynchronize`), before the cursor
 //! can pass the event that caused them, so a crash never forgets them.
 
+mod chain;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,9 +39,10 @@ use super::{queue, DecodedChunk, PipelineError};
 use crate::firehose::{Event, EventKind};
 use crate::identity::Resolver;
 use crate::metrics as m;
-use crate::repos::{self, Head, SYNCHRONIZED};
+use crate::repos;
 use crate::resync::Held;
 use crate::sync::{verify_commit, verify_sync, PublicKey, VerifyError};
+use chain::{continues, Continuity, Repo};
 
 /// Repos whose head and key the stage remembers (~250 bytes each: ~25 MB at most). Far more
 /// than the events in flight between this stage and the writer, so an evicted repo's head is
@@ -123,26 +126,6 @@ impl VerifyStats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-}
-
-/// What the stage knows of one repo.
-#[derive(Debug, Clone, Default)]
-struct Repo {
-    rev: Option<String>,
-    data: Option<Cid>,
-    synchronized: bool,
-    key: Option<PublicKey>,
-}
-
-impl Repo {
-    fn from_head(head: Head) -> Self {
-        Self {
-            data: head.data.as_deref().and_then(|d| d.parse().ok()),
-            rev: head.rev,
-            synchronized: head.state == SYNCHRONIZED,
-            key: None,
-        }
     }
 }
 
@@ -501,42 +484,6 @@ impl VerifyStage {
     }
 }
 
-/// How a verified commit relates to its repo's head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Continuity {
-    /// It continues the head (or starts a repo we hold nothing of): apply, head moves on.
-    Applies,
-    /// Not newer than the head (a replay): passes on, the writer skips it.
-    Replayed,
-    /// The repo awaits a resync: not applied.
-    AwaitsResync,
-    /// `since`/`prevData` are not the head: the repo is desynchronized.
-    Broken,
-}
-
-/// Checks `c` (verified, MST root `data`) against `repo`'s head and moves the head on when
-/// it applies.
-fn continues(repo: &mut Repo, c: &crate::firehose::event::Commit, data: Cid) -> Continuity {
-    if !repo.synchronized {
-        return Continuity::AwaitsResync;
-    }
-    let chained = match (&repo.rev, &repo.data) {
-        (None, _) => true,
-        (Some(rev), _) if c.rev.as_str() <= rev.as_str() => return Continuity::Replayed,
-        (Some(rev), Some(head)) => {
-            c.since.as_deref() == Some(rev.as_str()) && c.prev_data.as_ref() == Some(head)
-        }
-        // A head stored without its MST root (written unverified): the rev is all there is.
-        (Some(rev), None) => c.since.as_deref() == Some(rev.as_str()),
-    };
-    if !chained {
-        return Continuity::Broken;
-    }
-    repo.rev = Some(c.rev.clone());
-    repo.data = Some(data);
-    Continuity::Applies
-}
-
 async fn fetch_key(resolver: &Resolver, did: &str) -> Option<PublicKey> {
     match resolver.resolve_did(did).await {
         Ok(doc) => doc
@@ -568,93 +515,5 @@ fn check(ev: &Event, keys: &HashMap<String, PublicKey>) -> Check {
             },
         },
         _ => Check::Pass,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::firehose::event::Commit;
-
-    fn cid(n: u8) -> Cid {
-        crate::sync::mst::cid_for(&[n])
-    }
-
-    fn commit(rev: &str, since: Option<&str>, prev_data: Option<Cid>) -> Commit {
-        Commit {
-            repo: "did:plc:x".into(),
-            rev: rev.into(),
-            since: since.map(str::to_owned),
-            commit: cid(0),
-            prev_data,
-            time: String::new(),
-            too_big: false,
-            ops: Vec::new(),
-            blocks: Vec::new(),
-            over_limit: None,
-            records_bytes: 0,
-            data: None,
-        }
-    }
-
-    fn head(rev: &str, data: Option<Cid>) -> Repo {
-        Repo {
-            rev: Some(rev.into()),
-            data,
-            synchronized: true,
-            key: None,
-        }
-    }
-
-    #[test]
-    fn a_commit_applies_only_on_top_of_the_stored_head() {
-        let mut repo = head("3b", Some(cid(1)));
-        let next = commit("3c", Some("3b"), Some(cid(1)));
-        assert_eq!(continues(&mut repo, &next, cid(2)), Continuity::Applies);
-        assert_eq!((repo.rev.as_deref(), repo.data), (Some("3c"), Some(cid(2))));
-        // The same commit again is a replay; an older one too.
-        assert_eq!(continues(&mut repo, &next, cid(2)), Continuity::Replayed);
-        let older = commit("3a", None, None);
-        assert_eq!(continues(&mut repo, &older, cid(9)), Continuity::Replayed);
-        // A commit after one we never saw: `since` or `prevData` is not the head.
-        let skipped_since = commit("3e", Some("3d"), Some(cid(2)));
-        assert_eq!(
-            continues(&mut repo, &skipped_since, cid(4)),
-            Continuity::Broken
-        );
-        let other_tree = commit("3e", Some("3c"), Some(cid(7)));
-        assert_eq!(
-            continues(&mut repo, &other_tree, cid(4)),
-            Continuity::Broken
-        );
-        assert_eq!(
-            repo.rev.as_deref(),
-            Some("3c"),
-            "a broken commit moves nothing"
-        );
-    }
-
-    #[test]
-    fn unknown_repos_start_their_chain_and_desynchronized_ones_wait() {
-        let mut fresh = Repo {
-            synchronized: true,
-            ..Repo::default()
-        };
-        let first = commit("3a", Some("2z"), Some(cid(1)));
-        assert_eq!(continues(&mut fresh, &first, cid(2)), Continuity::Applies);
-        // A head stored without its MST root (verification was off): the rev decides.
-        let mut unverified = head("3a", None);
-        let next = commit("3b", Some("3a"), Some(cid(5)));
-        assert_eq!(
-            continues(&mut unverified, &next, cid(6)),
-            Continuity::Applies
-        );
-        let mut waiting = head("3a", Some(cid(2)));
-        waiting.synchronized = false;
-        let next = commit("3b", Some("3a"), Some(cid(2)));
-        assert_eq!(
-            continues(&mut waiting, &next, cid(3)),
-            Continuity::AwaitsResync
-        );
     }
 }
