@@ -9,7 +9,8 @@ use super::plan::{ActorState, Plan};
 use super::{exec, query};
 use crate::repos;
 
-/// Creates missing actors for `dids` (sorted: locks in key order) and reads their state.
+/// Creates missing actors for `dids` (sorted: locks in key order), locks their rows and reads
+/// their state.
 pub(super) async fn read_state(
     tx: &Transaction<'_>,
     dids: &[String],
@@ -23,9 +24,13 @@ pub(super) async fn read_state(
         &[&dids],
     )
     .await?;
+    // Locked (in key order) before planning: a resync or backfill writing one of these repos
+    // commits either before this read, and the plan skips what its CAR already holds, or
+    // after this batch. Read unlocked, a rev planned from a row a resync was replacing would
+    // be written over the CAR's newer one, moving the repo back.
     let rows = query(
         tx,
-        "SELECT did, rev, status FROM actors WHERE did = ANY($1)",
+        "SELECT did, rev, status FROM actors WHERE did = ANY($1) ORDER BY did FOR NO KEY UPDATE",
         &[&dids],
     )
     .await?;

@@ -134,3 +134,127 @@ async fn a_break_during_a_resync_keeps_the_repo_queued(pg: PgPool) {
     );
     assert_eq!(queued, 1);
 }
+
+/// A live batch planned while a resync holds the repo's row waits for it, then sees the
+/// resync's head: a commit the CAR already holds is skipped, and the repo's rev never moves
+/// back (read unlocked, the batch planned from the old head and wrote the older rev over the
+/// CAR's, and the verifier then found the repo's next commit broken).
+#[sqlx::test(migrations = "./migrations")]
+async fn a_batch_planned_during_a_resync_never_moves_the_repo_back(pg: PgPool) {
+    use atproto_ingest::cursor::{self, CursorKey};
+    use atproto_ingest::firehose::fixture::{self, FrameReader, RawFrame};
+    use atproto_ingest::firehose::frame::{self, DEFAULT_MAX_FRAME_BYTES};
+    use atproto_ingest::firehose::{Action, Event, EventKind, OpRecord};
+    use atproto_ingest::txn::{run_tx, RetryPolicy};
+    use atproto_ingest::writer;
+    use std::collections::HashMap;
+    use tokio_util::sync::CancellationToken;
+
+    // The first repo of small.frames with two commits that create records.
+    let reader = fixture::open(&crate::common::fixture("small.frames")).unwrap();
+    let mut by_repo: HashMap<String, Vec<Event>> = HashMap::new();
+    let mut pair = None;
+    for f in FrameReader::new(reader, DEFAULT_MAX_FRAME_BYTES) {
+        let RawFrame::Message(m) = f.unwrap() else {
+            continue;
+        };
+        let Ok(d) = frame::decode(&m) else { continue };
+        let EventKind::Commit(c) = &d.event.kind else {
+            continue;
+        };
+        if !c
+            .ops
+            .iter()
+            .any(|o| o.action == Action::Create && !matches!(o.record, OpRecord::Invalid(_)))
+        {
+            continue;
+        }
+        let seen = by_repo.entry(c.repo.clone()).or_default();
+        seen.push(d.event.clone());
+        if seen.len() == 2 {
+            pair = Some((seen[0].clone(), seen[1].clone()));
+            break;
+        }
+    }
+    let (first, second) = pair.unwrap();
+    let EventKind::Commit(c2) = &second.kind else {
+        unreachable!()
+    };
+    let did = c2.repo.clone();
+    let created: Vec<String> = c2
+        .ops
+        .iter()
+        .filter(|o| o.action == Action::Create && !matches!(o.record, OpRecord::Invalid(_)))
+        .map(|o| o.uri(&did))
+        .collect();
+
+    let pool = deadpool(&pg, 2).await;
+    let key = CursorKey {
+        service: "resync-race.test".into(),
+        fence: 1,
+    };
+    cursor::claim_fence(&pool, &key.service, 1).await.unwrap();
+    let apply = |events: Vec<Event>| {
+        let pool = pool.clone();
+        let key = key.clone();
+        async move {
+            run_tx(
+                &pool,
+                &RetryPolicy::default(),
+                &CancellationToken::new(),
+                async |tx| writer::apply(tx, &events, None, &key).await,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    apply(vec![first]).await;
+
+    // A resync holds the row and, at its end, moves the repo to a head past both commits.
+    let car_rev = "3zzzzzzzzzzzz";
+    let mut resync = pg.begin().await.unwrap();
+    sqlx::query("SELECT rev FROM actors WHERE did = $1 FOR UPDATE")
+        .bind(&did)
+        .execute(&mut *resync)
+        .await
+        .unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let batch = async {
+        apply(vec![second]).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "the batch did not wait for the resync"
+        );
+        // As `repos::resynced` does, last, once the CAR's rows are written.
+        sqlx::query("UPDATE actors SET rev = $2 WHERE did = $1")
+            .bind(&did)
+            .bind(car_rev)
+            .execute(&mut *resync)
+            .await
+            .unwrap();
+        resync.commit().await.unwrap();
+    };
+    tokio::join!(batch, release);
+
+    let rev: Option<String> = sqlx::query_scalar("SELECT rev FROM actors WHERE did = $1")
+        .bind(&did)
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(rev.as_deref(), Some(car_rev), "the repo moved back");
+    let stored: Vec<String> = crate::common::stored(&pg)
+        .await
+        .into_values()
+        .flatten()
+        .collect();
+    for uri in &created {
+        assert!(
+            !stored.contains(uri),
+            "{uri}: a commit the CAR holds was applied over it"
+        );
+    }
+}
