@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
 use super::plan::{ActorState, Plan};
@@ -58,24 +59,32 @@ pub(super) async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), tokio
     let rev: Vec<Option<&str>> = plan.actors.values().map(|a| a.rev.as_deref()).collect();
     let data: Vec<Option<&str>> = plan.actors.values().map(|a| a.data.as_deref()).collect();
     let commit: Vec<Option<&str>> = plan.actors.values().map(|a| a.commit.as_deref()).collect();
+    let handle_time: Vec<Option<DateTime<Utc>>> =
+        plan.actors.values().map(|a| a.handle_time).collect();
     // Only rows whose values really change are touched: a replay rewrites nothing. A new rev
     // brings its head (§12): the MST root is NULL when the commit was not verified. A handle
     // taken from an `#identity` event is unverified until resolution confirms it both ways
-    // (§5): a new one is stored with `handle_valid = false`, an unchanged one keeps its flag.
+    // (§5): a new one is stored with `handle_valid = false`, an unchanged one keeps its flag;
+    // and an event emitted before the identity's last resolution changes nothing (the
+    // resolution, often the very refresh the event triggered, is the newer truth).
     exec(
         tx,
-        "UPDATE actors a SET handle = COALESCE(u.handle, a.handle), status = COALESCE(u.status, a.status), \
+        "UPDATE actors a SET \
+         handle = CASE WHEN u.handle IS NOT NULL AND (u.at IS NULL OR a.resolved_at IS NULL \
+         OR a.resolved_at < u.at) THEN u.handle ELSE a.handle END, \
          handle_valid = CASE WHEN u.handle IS NOT NULL AND u.handle IS DISTINCT FROM a.handle \
+         AND (u.at IS NULL OR a.resolved_at IS NULL OR a.resolved_at < u.at) \
          THEN false ELSE a.handle_valid END, \
+         status = COALESCE(u.status, a.status), \
          rev = COALESCE(u.rev, a.rev), \
          repo_data = CASE WHEN u.rev IS NULL THEN a.repo_data ELSE u.data END, \
          repo_commit = CASE WHEN u.rev IS NULL THEN a.repo_commit ELSE u.commit END \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-         AS u(did, handle, status, rev, data, commit) \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::timestamptz[]) AS u(did, handle, status, rev, data, commit, at) \
          WHERE a.did = u.did AND (a.handle IS DISTINCT FROM COALESCE(u.handle, a.handle) \
          OR a.status IS DISTINCT FROM COALESCE(u.status, a.status) \
          OR a.rev IS DISTINCT FROM COALESCE(u.rev, a.rev))",
-        &[&dids, &handle, &status, &rev, &data, &commit],
+        &[&dids, &handle, &status, &rev, &data, &commit, &handle_time],
     )
     .await?;
     // §3: a commit we could not read in full queues its repo for a resync.

@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use chrono::{DateTime, Utc};
+
 use crate::firehose::event::{Commit, Unavailable};
 use crate::firehose::{Action, Event, EventKind, OpRecord};
 use crate::mapping::{self, Fixes, GenericRow, Meta, Origin, Row, Table};
@@ -37,6 +39,9 @@ pub(crate) enum Change {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ActorUpdate {
     pub handle: Option<String>,
+    /// When the `#identity` event that brought `handle` was emitted (`None`: unknown). A
+    /// resolution of the identity made after it is newer than the event's claim and wins.
+    pub handle_time: Option<DateTime<Utc>>,
     pub status: Option<String>,
     pub rev: Option<String>,
     /// With `rev`: the commit's MST root (when verified, §12) and CID: the repo's new head.
@@ -143,7 +148,11 @@ pub(crate) fn build(events: &[Event], mut state: HashMap<String, ActorState>, re
                     // Indexed (`actors_handle_idx`): the reference rule of §6 applies.
                     let mut h = h.clone();
                     plan.stats.sanitized.reference(&mut h);
-                    plan.actors.entry(i.did.clone()).or_default().handle = Some(h);
+                    let mut time = mapping::parse_time(&i.time);
+                    plan.stats.sanitized.time(&mut time);
+                    let upd = plan.actors.entry(i.did.clone()).or_default();
+                    upd.handle = Some(h);
+                    upd.handle_time = time;
                 }
             }
             EventKind::Account(a) => {

@@ -386,3 +386,74 @@ async fn outcomes_are_written_to_actors() {
     assert_eq!(store_resolved(&db, &absent).await.unwrap(), 0, "no row yet");
     drop_db(db, &name).await;
 }
+
+/// An `#identity` event emitted before the identity's last resolution does not undo it (the
+/// users stage refreshes on `#identity`, and the refresh may commit before the event is
+/// written); one emitted after it stores its handle, unverified.
+#[sqlx::test(migrations = "./migrations")]
+async fn an_identity_event_older_than_the_last_resolution_keeps_the_verified_handle(
+    pg: sqlx::PgPool,
+) {
+    use atproto_ingest::cursor::{self, CursorKey};
+    use atproto_ingest::firehose::event::Identity as IdentityEvent;
+    use atproto_ingest::firehose::{Event, EventKind};
+    use atproto_ingest::identity::{store_resolved, Identity};
+    use atproto_ingest::txn::{run_tx, RetryPolicy};
+    use atproto_ingest::writer;
+    use tokio_util::sync::CancellationToken;
+
+    let pool = common::deadpool(&pg, 1).await;
+    let key = CursorKey {
+        service: "identity-order.test".into(),
+        fence: 1,
+    };
+    cursor::claim_fence(&pool, &key.service, 1).await.unwrap();
+    let did = "did:plc:dana";
+    let event = |seq: i64, handle: &str, time: chrono::DateTime<chrono::Utc>| Event {
+        seq,
+        kind: EventKind::Identity(IdentityEvent {
+            did: did.into(),
+            handle: Some(handle.into()),
+            time: time.to_rfc3339(),
+        }),
+    };
+    let apply = async |ev: Event| {
+        run_tx(
+            &pool,
+            &RetryPolicy::default(),
+            &CancellationToken::new(),
+            async |tx| writer::apply(tx, std::slice::from_ref(&ev), None, &key).await,
+        )
+        .await
+        .unwrap();
+    };
+    let handle = async || -> (Option<String>, Option<bool>) {
+        sqlx::query_as("SELECT handle, handle_valid FROM actors WHERE did = $1")
+            .bind(did)
+            .fetch_one(&pg)
+            .await
+            .unwrap()
+    };
+
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    apply(event(1, "old.dana.test", before)).await;
+    assert_eq!(handle().await, (Some("old.dana.test".into()), Some(false)));
+    // The refresh the event triggered resolves the current handle, both ways.
+    let client = pool.get().await.unwrap();
+    let resolved = Identity {
+        did: did.into(),
+        handle: Some("dana.test".into()),
+        handle_valid: true,
+        pds_endpoint: Some("https://pds.dana.test".into()),
+        signing_key: None,
+    };
+    store_resolved(&**client, &resolved).await.unwrap();
+    drop(client);
+    // The same event written again after it (a replay, a retried batch): no change.
+    apply(event(2, "old.dana.test", before)).await;
+    assert_eq!(handle().await, (Some("dana.test".into()), Some(true)));
+    // A later change of handle: stored, unverified until resolved again.
+    let after = chrono::Utc::now() + chrono::Duration::seconds(1);
+    apply(event(3, "new.dana.test", after)).await;
+    assert_eq!(handle().await, (Some("new.dana.test".into()), Some(false)));
+}
