@@ -5,8 +5,8 @@
 //!
 //! `cargo bench --bench growth` — corpus from `BENCH_FRAMES` (as `replay`), database from
 //! `BENCH_DATABASE_URL` (dropped and recreated first), `BENCH_GROWTH_COPIES` copies in all
-//! (default 9: ~2 M rows before the last), `BENCH_WRITER_LANES` (default 2). The copies are
-//! written once under `target/growth/`.
+//! (default 9: ~2 M rows before the last; 48 reach ~10 M), `BENCH_WRITER_LANES` (default 1). Each
+//! copy is written under `target/growth/` just before its replay and removed after it.
 
 mod common;
 #[allow(dead_code)]
@@ -24,16 +24,18 @@ use ipld_core::ipld::Ipld;
 /// base32 alphabet of `did:plc` identifiers.
 const PLC: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
 
-/// `did` as copy `k` of it: a `did:plc` with its first identifier character shifted by `k`
-/// (k < 32 never maps a DID to itself); other methods unchanged.
+/// `did` as copy `k` of it: a `did:plc` whose first two identifier characters are shifted by
+/// `k % 32` and `k / 32` (0 < k < 1024 never maps a DID to itself, and two copies never map
+/// one DID to the same one); other methods unchanged.
 fn rewrite_did(did: &str, k: usize) -> String {
+    let shift = |c: u8, by: usize| PLC.iter().position(|&p| p == c).map(|i| PLC[(i + by) % 32]);
     match did.strip_prefix("did:plc:") {
-        Some(id) if id.len() == 24 => {
-            let first = id.as_bytes()[0];
-            let Some(pos) = PLC.iter().position(|&c| c == first) else {
-                return did.to_owned();
-            };
-            format!("did:plc:{}{}", PLC[(pos + k) % 32] as char, &id[1..])
+        Some(id) if id.len() == 24 && id.is_ascii() => {
+            let b = id.as_bytes();
+            match (shift(b[0], k % 32), shift(b[1], k / 32)) {
+                (Some(c0), Some(c1)) => format!("did:plc:{}{}{}", c0 as char, c1 as char, &id[2..]),
+                _ => did.to_owned(),
+            }
         }
         _ => did.to_owned(),
     }
@@ -102,10 +104,10 @@ fn main() {
     let copies: usize = std::env::var("BENCH_GROWTH_COPIES")
         .map(|v| v.parse().expect("BENCH_GROWTH_COPIES"))
         .unwrap_or(9);
-    assert!(copies < 32, "at most 31 copies keep the DIDs distinct");
+    assert!(copies < 1024, "at most 1023 copies keep the DIDs distinct");
     let lanes: usize = std::env::var("BENCH_WRITER_LANES")
         .map(|v| v.parse().expect("BENCH_WRITER_LANES"))
-        .unwrap_or(2);
+        .unwrap_or(1);
     let url = common::database_url();
     let rt = common::runtime();
     rt.block_on(async move {
@@ -121,13 +123,17 @@ fn main() {
             let before = rows_in(&db).await;
             let mut cfg = common::replay_config();
             cfg.writer_lanes = lanes;
-            let (stats, secs) = common::timed_replay(&db, vec![file], cfg).await;
+            let (stats, secs) = common::timed_replay(&db, vec![file.clone()], cfg).await;
             let events = stats.events_written.load(Ordering::Relaxed);
             println!(
                 "growth: copy {k}: {before} rows before, {events} events in {secs:.2}s = {:.0} events/s, {:.0} rows/s (writer lanes {lanes})",
                 events as f64 / secs,
                 stats.rows_written() as f64 / secs,
             );
+            if k > 0 {
+                // A copy is as large as the corpus: keep one on disk at a time.
+                let _ = std::fs::remove_file(&file);
+            }
         }
         println!("growth: {} rows at the end", rows_in(&db).await);
     });
