@@ -5,7 +5,9 @@
 //!
 //! `cargo bench --bench growth` — corpus from `BENCH_FRAMES` (as `replay`), database from
 //! `BENCH_DATABASE_URL` (dropped and recreated first), `BENCH_GROWTH_COPIES` copies in all
-//! (default 9: ~2 M rows before the last; 48 reach ~10 M), `BENCH_WRITER_LANES` (default 1). Each
+//! (default 9: ~2 M rows before the last; 48 reach ~10 M), `BENCH_WRITER_LANES` (default 1),
+//! `BENCH_GROWTH_CONTROL_EVERY=N`: every N-th copy is also replayed into an empty database at
+//! once, so load from outside the benchmark shows in both numbers and cancels in their ratio. Each
 //! copy is written under `target/growth/` just before its replay and removed after it.
 
 mod common;
@@ -97,6 +99,39 @@ async fn rows_in(db: &DbConfig) -> i64 {
     total
 }
 
+/// Server-side counters read around each copy: WAL written, checkpoints, and blocks read
+/// from outside PostgreSQL's buffer cache (the OS cache or disk) against blocks found in it.
+#[derive(Clone, Copy)]
+struct Server {
+    wal_bytes: f64,
+    checkpoints: i64,
+    blks_read: i64,
+    blks_hit: i64,
+}
+
+async fn server(db: &DbConfig) -> Server {
+    let pool = atproto_ingest::db::connect(db).await.expect("connect");
+    let client = pool.get().await.expect("connection");
+    // Backends flush their statistics at most once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let row = client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8, \
+                    (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), \
+                    blks_read, blks_hit \
+             FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("server counters");
+    Server {
+        wal_bytes: row.get(0),
+        checkpoints: row.get(1),
+        blks_read: row.get(2),
+        blks_hit: row.get(3),
+    }
+}
+
 fn main() {
     let Some(path) = common::corpus("BENCH_FRAMES", "bench.frames.zst") else {
         return;
@@ -108,6 +143,9 @@ fn main() {
     let lanes: usize = std::env::var("BENCH_WRITER_LANES")
         .map(|v| v.parse().expect("BENCH_WRITER_LANES"))
         .unwrap_or(1);
+    let control_every: usize = std::env::var("BENCH_GROWTH_CONTROL_EVERY")
+        .map(|v| v.parse().expect("BENCH_GROWTH_CONTROL_EVERY"))
+        .unwrap_or(0);
     let url = common::database_url();
     let rt = common::runtime();
     rt.block_on(async move {
@@ -121,6 +159,7 @@ fn main() {
                 copy(&path, k, 1 << 32)
             };
             let before = rows_in(&db).await;
+            let s0 = server(&db).await;
             let mut cfg = common::replay_config();
             cfg.writer_lanes = lanes;
             let (stats, secs) = common::timed_replay(&db, vec![file.clone()], cfg).await;
@@ -130,6 +169,33 @@ fn main() {
                 events as f64 / secs,
                 stats.rows_written() as f64 / secs,
             );
+            let s1 = server(&db).await;
+            let (read, hit) = (s1.blks_read - s0.blks_read, s1.blks_hit - s0.blks_hit);
+            println!(
+                "growth: copy {k}: WAL {:.0} MB ({:.0} bytes/row), {} checkpoints, {read} blocks read outside shared_buffers ({:.1} % of {} accessed)",
+                (s1.wal_bytes - s0.wal_bytes) / 1e6,
+                (s1.wal_bytes - s0.wal_bytes) / stats.rows_written().max(1) as f64,
+                s1.checkpoints - s0.checkpoints,
+                100.0 * read as f64 / (read + hit).max(1) as f64,
+                read + hit,
+            );
+            if control_every > 0 && k % control_every == 0 {
+                // The same copy into an empty database right after: the machine's load at
+                // this moment, without the rows (its ratio to the copy is what size costs).
+                let control_url = format!("{url}_control");
+                common::drop_database(&control_url).await;
+                let control = DbConfig::new(control_url.clone());
+                atproto_ingest::db::prepare(&control).await.expect("control database");
+                let mut cfg = common::replay_config();
+                cfg.writer_lanes = lanes;
+                let (cstats, csecs) = common::timed_replay(&control, vec![file.clone()], cfg).await;
+                let cevents = cstats.events_written.load(Ordering::Relaxed) as f64 / csecs;
+                println!(
+                    "growth: copy {k}: control into an empty database {cevents:.0} events/s; with {before} rows before: {:.2} of it",
+                    events as f64 / secs / cevents,
+                );
+                common::drop_database(&control_url).await;
+            }
             if k > 0 {
                 // A copy is as large as the corpus: keep one on disk at a time.
                 let _ = std::fs::remove_file(&file);
