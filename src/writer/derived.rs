@@ -186,6 +186,18 @@ impl Derived {
         }
     }
 
+    /// Adds `other`'s aggregate deltas to this one's (`other` keeps none).
+    pub fn absorb_aggregates(&mut self, other: &mut Derived) {
+        for (k, d) in std::mem::take(&mut other.post_aggs) {
+            let e = self.post_aggs.entry(k).or_default();
+            e.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+        }
+        for (k, d) in std::mem::take(&mut other.profile_aggs) {
+            let e = self.profile_aggs.entry(k).or_default();
+            e.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+        }
+    }
+
     /// Drops aggregate entries whose deltas cancelled out.
     pub fn prune(&mut self) {
         self.post_aggs.retain(|_, d| d.iter().any(|x| *x != 0));
