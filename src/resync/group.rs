@@ -15,7 +15,7 @@ use super::one::{write_repo, Fetched, TxOutcome};
 use super::{ResyncError, Resynced, Resyncer};
 use crate::cursor::{self, CursorKey};
 use crate::firehose::Event;
-use crate::identity::{store_resolved, Identity};
+use crate::identity::{store_resolved_many, Identity};
 use crate::repos::{self, Claim};
 use crate::sync::VerifiedRepo;
 use crate::txn::run_tx;
@@ -176,6 +176,7 @@ async fn write_group(
     }
     let mut outcomes: Vec<Option<TxOutcome>> = Vec::with_capacity(ready.len());
     let mut write: Vec<GroupRepo<'_, '_>> = Vec::new();
+    let mut identities = Vec::new();
     for r in ready {
         let (status, rev) = state.remove(&r.repo.did).unwrap_or_default();
         if status == "deleted" {
@@ -183,7 +184,7 @@ async fn write_group(
         } else if let Some(stored) = rev.as_ref().filter(|s| **s > r.repo.rev) {
             outcomes.push(Some(TxOutcome::Stale(stored.clone())));
         } else {
-            store_resolved(&**tx, &r.identity).await?;
+            identities.push(&r.identity);
             outcomes.push(None);
             write.push(GroupRepo {
                 repo: &r.repo,
@@ -192,11 +193,25 @@ async fn write_group(
             });
         }
     }
+    store_resolved_many(&**tx, &identities).await?;
     let mut applied = Applied::default();
     applied.timed("group_lock", t0);
-    let (written, diffs) = writer::apply_repos(tx, &write).await?;
+    let (written, diffs, aggregates) = writer::apply_repos(tx, &write).await?;
     applied.merge(written);
     let t0 = Instant::now();
+    let heads: Vec<(&str, &str, String, String)> = write
+        .iter()
+        .map(|g| {
+            let repo = g.repo;
+            (
+                repo.did.as_str(),
+                repo.rev.as_str(),
+                repo.data.to_string(),
+                repo.commit_cid.to_string(),
+            )
+        })
+        .collect();
+    let mut in_sync = repos::resynced_many(&**tx, &heads).await?.into_iter();
     let mut diffs = diffs.into_iter();
     let mut done = Vec::with_capacity(ready.len());
     for (r, outcome) in ready.iter().zip(outcomes) {
@@ -204,18 +219,9 @@ async fn write_group(
             done.push(o);
             continue;
         }
-        let repo = &r.repo;
-        let in_sync = repos::resynced(
-            &**tx,
-            &repo.did,
-            &repo.rev,
-            &repo.data.to_string(),
-            &repo.commit_cid.to_string(),
-        )
-        .await?;
         done.push(TxOutcome::Done {
             diff: diffs.next().unwrap_or_default(),
-            in_sync,
+            in_sync: in_sync.next().unwrap_or(false),
         });
         // The held events newer than the CAR; the planner skips those at or below its rev.
         if let (Some(key), false) = (fence, r.held.is_empty()) {
@@ -226,5 +232,7 @@ async fn write_group(
         cursor::write(tx, key, cursor::NO_CURSOR).await?;
     }
     applied.timed("group_heads", t0);
+    // Last: the rows other writers share most, locked only until the commit.
+    applied.merge(writer::write_aggregates(tx, &aggregates).await?);
     Ok((done, applied))
 }

@@ -7,7 +7,8 @@
 //! Failures back off per repo (1 min doubling to 1 h); permanent ones leave the queue with a
 //! reason. [`backfill`] enumerates a relay's repos and queues them for the same workers.
 //!
-//! - [`one`]: the resync of one repo. [`worker`]: the pool. [`error`]: failure reasons.
+//! - [`one`]: the resync of one repo. [`group`]: several claimed repos in one transaction.
+//!   [`worker`]: the pool. [`error`]: failure reasons.
 
 pub mod backfill;
 pub mod command;

@@ -1,5 +1,6 @@
-//! The resync worker pool: at most `concurrency` repos at once, claimed from the queue as
-//! slots free up; each result is written back (done, backoff, or given up with a reason).
+//! The resync worker pool: at most `concurrency` groups of up to `group_repos` repos at once,
+//! claimed from the queue as slots free up (a group per free slot, the claims shared out
+//! evenly); each repo's result is written back (done, backoff, or given up with a reason).
 //! Also refreshes the repos-by-state gauges.
 
 use std::collections::HashMap;

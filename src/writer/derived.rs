@@ -273,6 +273,16 @@ pub(super) async fn write(
     d: &Derived,
     applied: &mut Applied,
 ) -> Result<(), tokio_postgres::Error> {
+    write_rows(tx, d, applied).await?;
+    write_aggregates(tx, d, applied).await
+}
+
+/// [`write`] without the aggregates: notifications and feed items.
+pub(super) async fn write_rows(
+    tx: &Transaction<'_>,
+    d: &Derived,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
     if !d.removed_uris.is_empty() {
         let n = exec(
@@ -333,6 +343,17 @@ pub(super) async fn write(
         count(&mut applied.inserted, "feed_items", rows as usize);
     }
     applied.timed("feed_items", t0);
+    Ok(())
+}
+
+/// The aggregate deltas: one upsert per table, keys in order. Their rows are the ones
+/// concurrent writers share most, so a transaction that can writes them last: their locks
+/// are then held only until the commit.
+pub(super) async fn write_aggregates(
+    tx: &Transaction<'_>,
+    d: &Derived,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
     if !d.post_aggs.is_empty() {
         let keys: Vec<&str> = d.post_aggs.keys().map(String::as_str).collect();

@@ -42,13 +42,19 @@ pub struct GroupRepo<'r, 'a> {
     pub has_rev: bool,
 }
 
+/// The aggregate deltas of a group, written by [`write_aggregates`] at the end of its
+/// transaction.
+#[derive(Debug, Default)]
+pub struct Aggregates(Derived);
+
 /// Makes the record rows of every repo of `repos` equal to its CAR, with derived tables
-/// exact. The caller holds their actor rows (locked in DID order) and stores the new heads.
-/// Returns what changed per repo, in the order of `repos`.
+/// exact once the returned [`Aggregates`] are written ([`write_aggregates`], last in the
+/// transaction). The caller holds their actor rows (locked in DID order) and stores the new
+/// heads. Returns what changed per repo, in the order of `repos`.
 pub async fn apply_repos(
     tx: &Transaction<'_>,
     repos: &[GroupRepo<'_, '_>],
-) -> Result<(Applied, Vec<RepoDiff>), WriteError> {
+) -> Result<(Applied, Vec<RepoDiff>, Aggregates), WriteError> {
     let mut applied = Applied::default();
     let t0 = Instant::now();
     let dids: Vec<String> = repos.iter().map(|g| g.repo.did.clone()).collect();
@@ -116,9 +122,21 @@ pub async fn apply_repos(
     derived.absorb_aggregates(&mut born);
     derived.prune();
     born.prune();
-    derived::write(tx, &derived, &mut applied).await?;
+    derived::write_rows(tx, &derived, &mut applied).await?;
     copy_born(tx, &born, &mut applied).await?;
-    Ok((applied, diffs))
+    Ok((applied, diffs, Aggregates(derived)))
+}
+
+/// Adds a group's aggregate deltas (one upsert per table, keys in order). Written last in
+/// the transaction: these rows are the ones concurrent writers share, so their locks are held
+/// only until the commit.
+pub async fn write_aggregates(
+    tx: &Transaction<'_>,
+    aggregates: &Aggregates,
+) -> Result<Applied, WriteError> {
+    let mut applied = Applied::default();
+    derived::write_aggregates(tx, &aggregates.0, &mut applied).await?;
+    Ok(applied)
 }
 
 fn add_stats(applied: &mut Applied, plan: &Plan) {

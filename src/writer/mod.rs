@@ -26,7 +26,7 @@ use tokio_postgres::types::ToSql;
 use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use derived::Derived;
-pub use group::{apply_repos, GroupRepo, RepoRows};
+pub use group::{apply_repos, write_aggregates, Aggregates, GroupRepo, RepoRows};
 use plan::{PlanStats, Revs};
 pub use repo::{apply_repo, RepoDiff};
 
