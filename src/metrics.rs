@@ -332,6 +332,9 @@ metrics! {
         "atproto_ingest_resync_seconds", "Duration of one repo resync.";
     pub(crate) RESYNCS_IN_FLIGHT: Gauge[] =
         "atproto_ingest_resyncs_in_flight", "Repo resyncs running now.";
+    pub(crate) RESYNC_GROUP_FALLBACKS_TOTAL: Counter[] =
+        "atproto_ingest_resync_group_fallbacks_total",
+        "Resync groups whose transaction failed, written again repo by repo.";
     /// `change`: `created`, `updated`, `deleted`, `unchanged`, `invalid`.
     pub RESYNC_RECORDS_TOTAL: Counter["change"] =
         "atproto_ingest_resync_records_total", "Records of resynced repos, by change.";

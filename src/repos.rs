@@ -177,6 +177,49 @@ pub async fn resynced<C: GenericClient>(
     Ok(true)
 }
 
+/// [`resynced`] for several repos in one statement (a resync group, whose actor rows the
+/// caller holds): `heads` are `(did, rev, data, commit)`. Returns, in the order of `heads`,
+/// whether each repo left the queue (false: desynchronized again meanwhile, still queued).
+pub async fn resynced_many<C: GenericClient>(
+    client: &C,
+    heads: &[(&str, &str, String, String)],
+) -> Result<Vec<bool>, tokio_postgres::Error> {
+    if heads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let did: Vec<&str> = heads.iter().map(|h| h.0).collect();
+    let rev: Vec<&str> = heads.iter().map(|h| h.1).collect();
+    let data: Vec<&str> = heads.iter().map(|h| h.2.as_str()).collect();
+    let commit: Vec<&str> = heads.iter().map(|h| h.3.as_str()).collect();
+    // `old` and the UPDATE see the same snapshot of rows this transaction has locked.
+    let rows = client
+        .query(
+            "WITH old AS (SELECT did, sync_state = 'resyncing' AS claimed FROM actors \
+               WHERE did = ANY($1)), \
+             upd AS (UPDATE actors a SET rev = u.rev, repo_data = u.data, \
+               repo_commit = u.commit, \
+               needs_resync = CASE WHEN old.claimed THEN false ELSE a.needs_resync END, \
+               sync_state = CASE WHEN old.claimed THEN 'synchronized' ELSE a.sync_state END, \
+               sync_reason = CASE WHEN old.claimed THEN NULL ELSE a.sync_reason END, \
+               sync_changed_at = CASE WHEN old.claimed THEN now() ELSE a.sync_changed_at END \
+               FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
+                 AS u(did, rev, data, commit) JOIN old ON old.did = u.did \
+               WHERE a.did = u.did), \
+             del AS (DELETE FROM resync_queue q USING old WHERE q.did = old.did AND old.claimed) \
+             SELECT did, claimed FROM old",
+            &[&did, &rev, &data, &commit],
+        )
+        .await?;
+    let mut claimed = std::collections::HashMap::with_capacity(rows.len());
+    for r in rows {
+        claimed.insert(r.try_get::<_, String>(0)?, r.try_get::<_, bool>(1)?);
+    }
+    Ok(did
+        .iter()
+        .map(|d| claimed.get(*d).copied().unwrap_or(false))
+        .collect())
+}
+
 /// A failed resync attempt: the repo is desynchronized again and retried after
 /// [`backoff`]`(attempts)`, with `error` kept for `status` and the logs.
 pub async fn resync_failed<C: GenericClient>(

@@ -25,4 +25,4 @@ pub use creator::{Creation, StubReason, UserCreator};
 pub use doc::DidDocument;
 pub use error::IdentityError;
 pub use resolver::{Identity, Resolver};
-pub use store::{store_failure, store_resolved};
+pub use store::{store_failure, store_resolved, store_resolved_many};

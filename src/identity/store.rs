@@ -139,6 +139,37 @@ pub async fn store_resolved<C: GenericClient>(
         .await
 }
 
+/// [`store_resolved`] for several identities in one statement (a resync group).
+pub async fn store_resolved_many<C: GenericClient>(
+    client: &C,
+    identities: &[&Identity],
+) -> Result<u64, tokio_postgres::Error> {
+    if identities.is_empty() {
+        return Ok(0);
+    }
+    let did: Vec<&str> = identities.iter().map(|i| i.did.as_str()).collect();
+    let handle: Vec<Option<&str>> = identities.iter().map(|i| i.handle.as_deref()).collect();
+    let valid: Vec<bool> = identities.iter().map(|i| i.handle_valid).collect();
+    let pds: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.pds_endpoint.as_deref())
+        .collect();
+    let key: Vec<Option<&str>> = identities
+        .iter()
+        .map(|i| i.signing_key.as_deref())
+        .collect();
+    client
+        .execute(
+            "UPDATE actors a SET handle = u.handle, handle_valid = u.valid, \
+             pds_endpoint = u.pds, signing_key = u.key, resolved_at = now(), \
+             resolve_failures = 0, next_resolve_at = NULL \
+             FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[]) \
+             AS u(did, handle, valid, pds, key) WHERE a.did = u.did",
+            &[&did, &handle, &valid, &pds, &key],
+        )
+        .await
+}
+
 /// Records a failed resolution: `failures` consecutive failures, next try after `retry_after`.
 pub async fn store_failure<C: GenericClient>(
     client: &C,

@@ -5,6 +5,7 @@
 //! fetched. The backfill is over when the last page was read and every listed repo is
 //! synchronized, inactive, or given up with a reason.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +134,19 @@ pub async fn backfill(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<Report, BackfillError> {
+    backfill_timed(pool, cfg, progress, cancel)
+        .await
+        .map(|(report, _)| report)
+}
+
+/// [`backfill`], also returning where the workers' time went (µs per phase and statement
+/// group, summed over the workers: [`ResyncStats::times`]).
+pub async fn backfill_timed(
+    pool: Pool,
+    cfg: BackfillConfig,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<(Report, BTreeMap<&'static str, u64>), BackfillError> {
     let resyncer = Arc::new(Resyncer::new(
         pool.clone(),
         cfg.resync.clone(),
@@ -152,7 +166,7 @@ pub async fn backfill(
     let result = list(pool, cfg, true, progress, stats, inner.clone()).await;
     inner.cancel();
     let _ = workers.await;
-    result
+    result.map(|report| (report, resyncer.stats().times()))
 }
 
 /// The listing half of a backfill, for callers that run resync workers of their own (`run

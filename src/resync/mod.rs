@@ -7,19 +7,22 @@
 //! Failures back off per repo (1 min doubling to 1 h); permanent ones leave the queue with a
 //! reason. [`backfill`] enumerates a relay's repos and queues them for the same workers.
 //!
-//! - [`one`]: the resync of one repo. [`worker`]: the pool. [`error`]: failure reasons.
+//! - [`one`]: the resync of one repo. [`group`]: several claimed repos in one transaction.
+//!   [`worker`]: the pool. [`error`]: failure reasons.
 
 pub mod backfill;
 pub mod command;
 mod error;
 mod fetch;
+mod group;
 pub mod held;
 mod one;
 mod worker;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 
@@ -41,12 +44,19 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Limit of a resync transaction: a whole repo is written at once, far more than a batch.
 pub const DEFAULT_TX_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default `--resync-group-repos`: repos a worker claims and writes in one transaction. 16
+/// repos of a typical size are a few thousand rows: per-transaction costs (locks, commit,
+/// one statement per table) are shared, and a failed group costs little to redo repo by repo.
+pub const DEFAULT_GROUP_REPOS: usize = 16;
 
 /// Settings of the resync workers.
 #[derive(Debug, Clone)]
 pub struct ResyncConfig {
-    /// Repos resynced at once (≥ 1).
+    /// Workers: groups of repos resynced at once (≥ 1).
     pub concurrency: usize,
+    /// Repos claimed and written together by one worker (≥ 1; 1: one transaction per repo,
+    /// always the diffing path).
+    pub group_repos: usize,
     pub fetch_timeout: Duration,
     /// Largest repo CAR accepted.
     pub max_car_bytes: usize,
@@ -64,6 +74,7 @@ impl Default for ResyncConfig {
     fn default() -> Self {
         Self {
             concurrency: DEFAULT_CONCURRENCY,
+            group_repos: DEFAULT_GROUP_REPOS,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             max_car_bytes: crate::sync::DEFAULT_MAX_REPO_CAR_BYTES,
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -80,12 +91,40 @@ impl Default for ResyncConfig {
 /// Counters of what the workers did, for progress bars and summaries.
 #[derive(Debug, Default)]
 pub struct ResyncStats {
+    /// Time spent per phase (`fetch`, `verify`, `write_tx`…) and per statement group of the
+    /// writes, in µs, summed over the workers. Bounded: its keys are the fixed names of the
+    /// phases and of the writer's statement groups.
+    times: Mutex<BTreeMap<&'static str, u64>>,
     pub resynced: AtomicU64,
     pub failed: AtomicU64,
     /// Records of the CARs written (created + updated + deleted).
     pub records_written: AtomicU64,
     /// Records of the CARs, changed or not.
     pub records_seen: AtomicU64,
+}
+
+impl ResyncStats {
+    /// Adds the time since `since` to phase `what`.
+    pub(crate) fn add_time(&self, what: &'static str, since: Instant) {
+        let micros = since.elapsed().as_micros() as u64;
+        if let Ok(mut t) = self.times.lock() {
+            *t.entry(what).or_default() += micros;
+        }
+    }
+
+    /// Adds a write's time per statement group.
+    pub(crate) fn add_statements(&self, micros: &BTreeMap<&'static str, u64>) {
+        if let Ok(mut t) = self.times.lock() {
+            for (k, v) in micros {
+                *t.entry(k).or_default() += v;
+            }
+        }
+    }
+
+    /// Time per phase and statement group so far, in µs (summed over the workers).
+    pub fn times(&self) -> BTreeMap<&'static str, u64> {
+        self.times.lock().map(|t| t.clone()).unwrap_or_default()
+    }
 }
 
 /// The live side of a resync: the fence its transactions check and the held events they
@@ -154,6 +193,9 @@ pub struct ResyncArgs {
     /// Repos resynced at once (fetch, verify, write).
     #[arg(long, env = "RESYNC_CONCURRENCY", value_name = "N", default_value_t = DEFAULT_CONCURRENCY)]
     pub resync_concurrency: usize,
+    /// Repos a worker claims and writes in one transaction (1: one transaction per repo).
+    #[arg(long, env = "RESYNC_GROUP_REPOS", value_name = "N", default_value_t = DEFAULT_GROUP_REPOS)]
+    pub resync_group_repos: usize,
     /// Limit on one `getRepo` download, in milliseconds.
     #[arg(long, env = "RESYNC_FETCH_TIMEOUT_MS", value_name = "MS", default_value_t = DEFAULT_FETCH_TIMEOUT.as_millis() as u64)]
     pub resync_fetch_timeout_ms: u64,
@@ -185,6 +227,13 @@ impl ResyncArgs {
             "RESYNC_CONCURRENCY",
             at_least_one,
             self.resync_concurrency,
+        )?;
+        check(
+            self.resync_group_repos >= 1,
+            "--resync-group-repos",
+            "RESYNC_GROUP_REPOS",
+            at_least_one,
+            self.resync_group_repos,
         )?;
         check(
             self.resync_fetch_timeout_ms >= 1,
@@ -223,6 +272,7 @@ impl ResyncArgs {
         )?;
         Ok(ResyncConfig {
             concurrency: self.resync_concurrency,
+            group_repos: self.resync_group_repos,
             fetch_timeout: Duration::from_millis(self.resync_fetch_timeout_ms),
             max_car_bytes: self.max_repo_car_bytes,
             retry: RetryPolicy {

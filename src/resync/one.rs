@@ -1,6 +1,8 @@
 //! The resync of one repo: identity → `getRepo` → verification → one transaction that makes
 //! the rows equal to the CAR, applies the held live events newer than it and stores the head.
 
+use std::time::Instant;
+
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -12,7 +14,7 @@ use crate::identity::{store_resolved, Identity};
 use crate::repos;
 use crate::sync::{verify_repo_car, PublicKey, VerifiedRepo, VerifyError};
 use crate::txn::run_tx;
-use crate::writer::{self, RepoDiff, WriteError};
+use crate::writer::{self, Applied, RepoDiff, WriteError};
 
 /// A finished resync.
 #[derive(Debug)]
@@ -27,8 +29,15 @@ pub struct Resynced {
     pub in_sync: bool,
 }
 
-/// What the transaction found.
-enum TxOutcome {
+/// A downloaded repo CAR, not verified yet, and the identity it was fetched with.
+pub(super) struct Fetched {
+    pub(super) did: String,
+    pub(super) identity: Identity,
+    pub(super) car: Vec<u8>,
+}
+
+/// What the transaction found, per repo.
+pub(super) enum TxOutcome {
     Done { diff: RepoDiff, in_sync: bool },
     AccountDeleted,
     Stale(String),
@@ -58,11 +67,46 @@ impl Resyncer {
         did: &str,
         cancel: &CancellationToken,
     ) -> Result<Resynced, ResyncError> {
+        let t0 = Instant::now();
+        let fetched = self.fetch(did).await?;
+        self.stats.add_time("fetch", t0);
+        let t0 = Instant::now();
+        let (identity, repo) = self.verified(&fetched).await?;
+        self.stats.add_time("verify", t0);
+        let held: Vec<Event> = self.held_snapshot(did);
+        let fence = self.live.as_ref().map(|l| &l.fence);
+        let t0 = Instant::now();
+        let outcome = run_tx(&self.pool, &self.cfg.retry, cancel, async |tx| {
+            write_repo(tx, &identity, &repo, &held, fence).await
+        })
+        .await;
+        self.stats.add_time("write_tx", t0);
+        let (outcome, applied) = outcome?;
+        self.stats.add_statements(&applied.statement_micros);
+        self.finish(&repo, held.len(), outcome, cancel).await
+    }
+
+    /// Resolves `did`'s identity and downloads its repo CAR.
+    pub(super) async fn fetch(&self, did: &str) -> Result<Fetched, ResyncError> {
         let identity = self.resolver.resolve(did).await?;
         let endpoint = identity.pds_endpoint.clone().ok_or(ResyncError::NoPds)?;
         let car = self.pds.get_repo(&endpoint, did).await?;
-        let key = signing_key(&identity)?;
-        let (identity, repo) = match self.verify(&car, did, &key) {
+        Ok(Fetched {
+            did: did.to_owned(),
+            identity,
+            car,
+        })
+    }
+
+    /// Verifies a fetched CAR; a bad signature resolves the identity once more and, with a
+    /// new key, verifies again. Returns the identity whose key verified it.
+    pub(super) async fn verified<'a>(
+        &self,
+        fetched: &'a Fetched,
+    ) -> Result<(Identity, VerifiedRepo<'a>), ResyncError> {
+        let Fetched { did, identity, car } = fetched;
+        let key = signing_key(identity)?;
+        match self.verify(car, did, &key) {
             Err(ResyncError::BadSignature) => {
                 // The account may have rotated its key since the document was cached.
                 self.resolver.invalidate(did);
@@ -71,23 +115,32 @@ impl Resyncer {
                 if fresh_key == key {
                     return Err(ResyncError::BadSignature);
                 }
-                let repo = self.verify(&car, did, &fresh_key)?;
-                (fresh, repo)
+                let repo = self.verify(car, did, &fresh_key)?;
+                Ok((fresh, repo))
             }
-            Err(e) => return Err(e),
-            Ok(repo) => (identity, repo),
-        };
-        let records = repo.records.len();
-        let held: Vec<Event> = self
-            .live
+            Err(e) => Err(e),
+            Ok(repo) => Ok((identity.clone(), repo)),
+        }
+    }
+
+    /// The live events held for `did` so far (none without a pipeline).
+    pub(super) fn held_snapshot(&self, did: &str) -> Vec<Event> {
+        self.live
             .as_ref()
             .map(|l| l.held.snapshot(did))
-            .unwrap_or_default();
-        let fence = self.live.as_ref().map(|l| &l.fence);
-        let outcome = run_tx(&self.pool, &self.cfg.retry, cancel, async |tx| {
-            write_repo(tx, &identity, &repo, &held, fence).await
-        })
-        .await?;
+            .unwrap_or_default()
+    }
+
+    /// After the transaction that wrote `repo` (with `held` events) committed: its outcome,
+    /// the late held events applied and the repo released.
+    pub(super) async fn finish(
+        &self,
+        repo: &VerifiedRepo<'_>,
+        held: usize,
+        outcome: TxOutcome,
+        cancel: &CancellationToken,
+    ) -> Result<Resynced, ResyncError> {
+        let did = repo.did.as_str();
         let (diff, in_sync) = match outcome {
             TxOutcome::Done { diff, in_sync } => (diff, in_sync),
             TxOutcome::AccountDeleted => return Err(ResyncError::AccountDeleted),
@@ -98,10 +151,11 @@ impl Resyncer {
                 })
             }
         };
-        let held_applied = held.len() + self.release_held(did, held.len(), cancel).await?;
+        let held_applied = held + self.release_held(did, held, cancel).await?;
+        let records = repo.records.len();
         debug!(did, rev = %repo.rev, records, ?diff, held_applied, "repo resynced");
         Ok(Resynced {
-            rev: repo.rev,
+            rev: repo.rev.clone(),
             diff,
             records,
             held_applied,
@@ -172,14 +226,15 @@ fn signing_key(identity: &Identity) -> Result<PublicKey, ResyncError> {
     PublicKey::parse(key).map_err(|e| ResyncError::NoSigningKey(e.to_string()))
 }
 
-/// The resync transaction (may run more than once: everything here is idempotent).
-async fn write_repo(
+/// The resync transaction of one repo (may run more than once: everything here is
+/// idempotent); the diffing path, also the fallback of a group that failed.
+pub(super) async fn write_repo(
     tx: &deadpool_postgres::Transaction<'_>,
     identity: &Identity,
     repo: &VerifiedRepo<'_>,
     held: &[Event],
     fence: Option<&CursorKey>,
-) -> Result<TxOutcome, WriteError> {
+) -> Result<(TxOutcome, Applied), WriteError> {
     let did = repo.did.as_str();
     // Safe without waiting for the WAL flush: everything the resync does, its leaving the
     // queue included, is in this transaction, so a commit lost in a server crash leaves the
@@ -199,13 +254,13 @@ async fn write_repo(
     let status: String = row.try_get(0)?;
     let stored_rev: Option<String> = row.try_get(1)?;
     if status == "deleted" {
-        return Ok(TxOutcome::AccountDeleted);
+        return Ok((TxOutcome::AccountDeleted, Applied::default()));
     }
     if let Some(stored) = stored_rev.filter(|r| *r > repo.rev) {
-        return Ok(TxOutcome::Stale(stored));
+        return Ok((TxOutcome::Stale(stored), Applied::default()));
     }
     store_resolved(&**tx, identity).await?;
-    let (_, diff) = writer::apply_repo(tx, repo).await?;
+    let (applied, diff) = writer::apply_repo(tx, repo).await?;
     let in_sync = repos::resynced(
         &**tx,
         did,
@@ -224,5 +279,5 @@ async fn write_repo(
         }
         None => {}
     }
-    Ok(TxOutcome::Done { diff, in_sync })
+    Ok((TxOutcome::Done { diff, in_sync }, applied))
 }

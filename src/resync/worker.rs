@@ -1,5 +1,6 @@
-//! The resync worker pool: at most `concurrency` repos at once, claimed from the queue as
-//! slots free up; each result is written back (done, backoff, or given up with a reason).
+//! The resync worker pool: at most `concurrency` groups of up to `group_repos` repos at once,
+//! claimed from the queue as slots free up (a group per free slot, the claims shared out
+//! evenly); each repo's result is written back (done, backoff, or given up with a reason).
 //! Also refreshes the repos-by-state gauges.
 
 use std::collections::HashMap;
@@ -38,7 +39,7 @@ pub async fn run_workers(
         Err(e) => warn!(error = %e, "freeing stale resync claims: no connection"),
     }
     let mut inflight: JoinSet<()> = JoinSet::new();
-    let mut dids: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut dids: HashMap<tokio::task::Id, Vec<String>> = HashMap::new();
     let mut gauges_at: Option<Instant> = None;
     loop {
         if cancel.is_cancelled() {
@@ -51,11 +52,16 @@ pub async fn run_workers(
         let free = cfg.concurrency.saturating_sub(inflight.len());
         let mut claimed = 0;
         if free > 0 {
-            match claim(&resyncer, free).await {
+            // Up to a group per free worker, shared out evenly: a short queue still keeps
+            // every worker busy.
+            match claim(&resyncer, free * cfg.group_repos.max(1)).await {
                 Ok(claims) => {
                     claimed = claims.len();
-                    for c in claims {
-                        let did = c.did.clone();
+                    let per_group = claims.len().div_ceil(free).max(1);
+                    let mut claims = claims.into_iter().peekable();
+                    while claims.peek().is_some() {
+                        let group: Vec<_> = claims.by_ref().take(per_group).collect();
+                        let group_dids: Vec<String> = group.iter().map(|c| c.did.clone()).collect();
                         let r = resyncer.clone();
                         let token = cancel.clone();
                         // On a blocking thread driving its own future, as the batch writer
@@ -67,11 +73,11 @@ pub async fn run_workers(
                             rt.block_on(async move {
                                 tokio::select! {
                                     _ = token.cancelled() => {}
-                                    _ = r.resync_claim(c, &token) => {}
+                                    _ = r.resync_claims(group, &token) => {}
                                 }
                             })
                         });
-                        dids.insert(handle.id(), did);
+                        dids.insert(handle.id(), group_dids);
                     }
                 }
                 Err(e) => warn!(error = %e, "claiming due resyncs failed; retrying"),
@@ -89,9 +95,9 @@ pub async fn run_workers(
                     Ok((id, ())) => *id,
                     Err(e) => e.id(),
                 };
-                if let (Some(did), Err(e)) = (dids.remove(&id), ended) {
-                    warn!(did, error = %e, "resync task panicked");
-                    free_claims(&resyncer, &[did]).await;
+                if let (Some(group), Err(e)) = (dids.remove(&id), ended) {
+                    warn!(repos = ?group, error = %e, "resync task panicked");
+                    free_claims(&resyncer, &group).await;
                 }
             }
             _ = tokio::time::sleep(cfg.poll_interval) => {}
@@ -100,7 +106,7 @@ pub async fn run_workers(
     }
     inflight.abort_all();
     while inflight.join_next().await.is_some() {}
-    let left: Vec<String> = dids.into_values().collect();
+    let left: Vec<String> = dids.into_values().flatten().collect();
     if !left.is_empty() {
         free_claims(&resyncer, &left).await;
     }
@@ -114,7 +120,7 @@ async fn claim(resyncer: &Resyncer, n: usize) -> Result<Vec<Claim>, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn free_claims(resyncer: &Resyncer, dids: &[String]) {
+pub(super) async fn free_claims(resyncer: &Resyncer, dids: &[String]) {
     let result = match resyncer.pool.get().await {
         Ok(client) => repos::release_claims(&**client, Some(dids))
             .await
@@ -139,6 +145,16 @@ async fn refresh_gauges(resyncer: &Resyncer) {
 }
 
 impl Resyncer {
+    /// Resyncs claimed repos (sorted by DID): one by one with groups of 1, else as a group.
+    async fn resync_claims(&self, claims: Vec<Claim>, cancel: &CancellationToken) {
+        if self.cfg.group_repos > 1 {
+            return self.resync_group(&claims, cancel).await;
+        }
+        for claim in claims {
+            self.resync_claim(claim, cancel).await;
+        }
+    }
+
     /// Resyncs a claimed repo and records the outcome (done, backoff, or given up).
     async fn resync_claim(&self, claim: Claim, cancel: &CancellationToken) {
         let started = Instant::now();
@@ -146,9 +162,14 @@ impl Resyncer {
         let result = self.resync(&claim.did, cancel).await;
         metrics::gauge!(m::RESYNCS_IN_FLIGHT).decrement(1.0);
         metrics::histogram!(m::RESYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        self.record(&claim, result).await;
+    }
+
+    /// Records a resync's outcome: done, backoff, or given up.
+    pub(super) async fn record(&self, claim: &Claim, result: Result<Resynced, ResyncError>) {
         match result {
             Ok(done) => self.count_done(&done),
-            Err(e) => self.record_failure(&claim, &e).await,
+            Err(e) => self.record_failure(claim, &e).await,
         }
     }
 

@@ -186,6 +186,18 @@ impl Derived {
         }
     }
 
+    /// Adds `other`'s aggregate deltas to this one's (`other` keeps none).
+    pub fn absorb_aggregates(&mut self, other: &mut Derived) {
+        for (k, d) in std::mem::take(&mut other.post_aggs) {
+            let e = self.post_aggs.entry(k).or_default();
+            e.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+        }
+        for (k, d) in std::mem::take(&mut other.profile_aggs) {
+            let e = self.profile_aggs.entry(k).or_default();
+            e.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+        }
+    }
+
     /// Drops aggregate entries whose deltas cancelled out.
     pub fn prune(&mut self) {
         self.post_aggs.retain(|_, d| d.iter().any(|x| *x != 0));
@@ -261,6 +273,16 @@ pub(super) async fn write(
     d: &Derived,
     applied: &mut Applied,
 ) -> Result<(), tokio_postgres::Error> {
+    write_rows(tx, d, applied).await?;
+    write_aggregates(tx, d, applied).await
+}
+
+/// [`write`] without the aggregates: notifications and feed items.
+pub(super) async fn write_rows(
+    tx: &Transaction<'_>,
+    d: &Derived,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
     if !d.removed_uris.is_empty() {
         let n = exec(
@@ -321,6 +343,17 @@ pub(super) async fn write(
         count(&mut applied.inserted, "feed_items", rows as usize);
     }
     applied.timed("feed_items", t0);
+    Ok(())
+}
+
+/// The aggregate deltas: one upsert per table, keys in order. Their rows are the ones
+/// concurrent writers share most, so a transaction that can writes them last: their locks
+/// are then held only until the commit.
+pub(super) async fn write_aggregates(
+    tx: &Transaction<'_>,
+    d: &Derived,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
     if !d.post_aggs.is_empty() {
         let keys: Vec<&str> = d.post_aggs.keys().map(String::as_str).collect();

@@ -4,11 +4,14 @@
 //! [`apply`] is the order of a batch's statements; each group of statements lives in its own
 //! file: [`plan`] (events → changes, pure), `actors` (stub actors, actor state), `records`
 //! (record tables), `derived` (aggregates, notifications, feed items), the cursor in
-//! [`crate::cursor`], and [`dead_letters`] (events set aside after a data error, §6).
+//! [`crate::cursor`], and [`dead_letters`] (events set aside after a data error, §6). Whole
+//! repos (resync, §12): `repo` (one repo, diffed) and `group` (several, new ones by `copy`).
 
 mod actors;
+mod copy;
 pub mod dead_letters;
 mod derived;
+mod group;
 pub mod plan;
 mod records;
 mod repo;
@@ -23,6 +26,7 @@ use tokio_postgres::types::ToSql;
 use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
 use derived::Derived;
+pub use group::{apply_repos, write_aggregates, Aggregates, GroupRepo, RepoRows};
 use plan::{PlanStats, Revs};
 pub use repo::{apply_repo, RepoDiff};
 
@@ -93,7 +97,7 @@ impl Applied {
         self.purged.dedup();
     }
 
-    fn timed(&mut self, what: &'static str, since: Instant) {
+    pub(crate) fn timed(&mut self, what: &'static str, since: Instant) {
         *self.statement_micros.entry(what).or_default() += since.elapsed().as_micros() as u64;
     }
 }

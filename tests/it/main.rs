@@ -10,6 +10,7 @@ mod live_common;
 mod tls_common;
 
 mod backfill;
+mod backfill_group;
 mod decode_fixtures;
 mod decode_props;
 mod deploy;
