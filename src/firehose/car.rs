@@ -107,6 +107,11 @@ impl<'a> Car<'a> {
         self.blocks.len()
     }
 
+    /// Distinct CIDs among the blocks.
+    pub fn distinct(&self) -> usize {
+        self.index.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }

@@ -35,3 +35,4 @@ mod tls;
 mod txn;
 mod users;
 mod verify;
+mod verify_loads;
