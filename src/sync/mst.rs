@@ -299,8 +299,8 @@ pub(crate) mod tests {
     fn fixture_nodes() -> Vec<Vec<u8>> {
         use crate::firehose::fixture::{self, FrameReader, RawFrame};
         use crate::firehose::{frame, EventKind};
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/firehose/snap.frames");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/firehose/snap.frames");
         let reader = fixture::open(&path).expect("snap.frames");
         let mut nodes = Vec::new();
         for raw in FrameReader::new(reader, frame::DEFAULT_MAX_FRAME_BYTES) {

@@ -39,7 +39,11 @@ pub(crate) fn snap_frames() -> Vec<Vec<u8>> {
         .collect()
 }
 
-pub(crate) async fn replay_frames(pool: &sqlx::PgPool, frames: &[Vec<u8>], cfg: PipelineConfig) -> Arc<Stats> {
+pub(crate) async fn replay_frames(
+    pool: &sqlx::PgPool,
+    frames: &[Vec<u8>],
+    cfg: PipelineConfig,
+) -> Arc<Stats> {
     let file = tempfile::NamedTempFile::new().unwrap();
     reframe::write_fixture(file.path(), frames);
     common::replay_files(&common::db_config(pool), vec![file.path().to_owned()], cfg).await

@@ -1,7 +1,7 @@
 //! The verify stage's loads (heads and keys) run ahead of its ordered path (§12): with chunks
-//! of a few frames many loads are in flight at once, and with a cache of a few repos every
-//! chunk reloads; the result is still every commit verified and the truth. An `#identity`
-//! makes the next chunk that needs the repo's key fetch its DID document again.
+//! of a few frames, loads of several chunks are in flight while earlier ones verify and
+//! finish; the result is still every commit verified and the truth. An `#identity` makes the
+//! next chunk that needs the repo's key fetch its DID document again.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
@@ -26,9 +26,10 @@ fn rotated_then_committing(frames: &[Vec<u8>], gap: usize) -> BTreeSet<String> {
         let Some(EventKind::Identity(id)) = kind else {
             continue;
         };
-        let later = kinds.iter().skip(i + gap).any(|k| {
-            matches!(k, Some(EventKind::Commit(c)) if c.repo == id.did)
-        });
+        let later = kinds
+            .iter()
+            .skip(i + gap)
+            .any(|k| matches!(k, Some(EventKind::Commit(c)) if c.repo == id.did));
         if later {
             out.insert(id.did.clone());
         }
@@ -36,7 +37,10 @@ fn rotated_then_committing(frames: &[Vec<u8>], gap: usize) -> BTreeSet<String> {
     out
 }
 
-async fn assert_all_verified_and_truth(pool: &sqlx::PgPool, stats: &atproto_ingest::pipeline::Stats) {
+async fn assert_all_verified_and_truth(
+    pool: &sqlx::PgPool,
+    stats: &atproto_ingest::pipeline::Stats,
+) {
     let v = &stats.verify;
     assert!(v.verified.load(Ordering::Relaxed) > 1000);
     assert_eq!(v.rejected_by_reason(), BTreeMap::new());
@@ -50,18 +54,7 @@ async fn assert_all_verified_and_truth(pool: &sqlx::PgPool, stats: &atproto_inge
 }
 
 #[sqlx::test(migrations = false)]
-async fn loads_ahead_of_small_chunks_with_a_tiny_cache_equal_the_truth(pool: sqlx::PgPool) {
-    let net = standin::StandIn::snap().await;
-    let mut cfg = verifying(&net);
-    cfg.budget = MemoryBudget::from_mb(SMALL_BUDGET_MB);
-    // 4 of snap's 54 repos: nearly every chunk evicts and reloads heads and keys.
-    cfg.verify_cache_repos = 4;
-    let stats = replay_frames(&pool, &snap_frames(), cfg).await;
-    assert_all_verified_and_truth(&pool, &stats).await;
-}
-
-#[sqlx::test(migrations = false)]
-async fn an_identity_makes_the_next_chunk_fetch_the_key_again(pool: sqlx::PgPool) {
+async fn loads_ahead_of_small_chunks_equal_the_truth_and_refetch_rotated_keys(pool: sqlx::PgPool) {
     let net = standin::StandIn::snap().await;
     let mut cfg = verifying(&net);
     cfg.budget = MemoryBudget::from_mb(SMALL_BUDGET_MB);

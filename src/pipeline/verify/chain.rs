@@ -102,6 +102,7 @@ mod tests {
             data,
             synchronized: true,
             key: None,
+            key_stale: None,
         }
     }
 

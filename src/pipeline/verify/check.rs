@@ -41,10 +41,7 @@ pub(super) fn spawn(
 ) -> JoinHandle<Result<Verifying, PipelineError>> {
     let events = std::mem::take(&mut chunk.events);
     let keys = Arc::new(keys);
-    let size = events
-        .len()
-        .div_ceil(parts.max(1))
-        .max(MIN_PART_EVENTS);
+    let size = events.len().div_ceil(parts.max(1)).max(MIN_PART_EVENTS);
     let mut jobs = Vec::with_capacity(parts);
     let mut rest = events.into_iter();
     loop {

@@ -171,7 +171,6 @@ impl Cache {
             None => *at > seq,
         });
     }
-
 }
 
 impl VerifyStage {
@@ -253,8 +252,7 @@ pub(super) async fn load(
                 .await
                 .map_err(PipelineError::VerifyDb)?;
             for row in rows {
-                let (Ok(did), Ok(key)) =
-                    (row.try_get::<_, String>(0), row.try_get::<_, String>(1))
+                let (Ok(did), Ok(key)) = (row.try_get::<_, String>(0), row.try_get::<_, String>(1))
                 else {
                     continue;
                 };
@@ -394,7 +392,10 @@ mod tests {
             Needs::default()
         );
         cache.apply(1, Loaded::default());
-        assert_eq!(cache.repos.peek(X).and_then(|r| r.key.clone()), Some(key(0)));
+        assert_eq!(
+            cache.repos.peek(X).and_then(|r| r.key.clone()),
+            Some(key(0))
+        );
         // Chunk 2 fetches it again; another #identity in chunk 2 keeps it stale for chunk 3.
         let fresh = needs(&mut cache, 2, &[commit(X), identity(X)]);
         assert_eq!(fresh.fresh, x());

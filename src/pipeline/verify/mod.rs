@@ -194,8 +194,7 @@ impl VerifyStage {
         // chunks), then it is finished (continuity, marks) and handed on. Finishing comes
         // first, then starting verification, then taking a new chunk.
         let mut loading: VecDeque<Loading> = VecDeque::new();
-        let mut verifying: VecDeque<JoinHandle<Result<Verifying, PipelineError>>> =
-            VecDeque::new();
+        let mut verifying: VecDeque<JoinHandle<Result<Verifying, PipelineError>>> = VecDeque::new();
         let mut open = true;
         loop {
             tokio::select! {
@@ -333,7 +332,10 @@ impl VerifyStage {
             };
             match &mut ev.kind {
                 EventKind::Commit(c) => {
-                    let repo = self.cache.repos.get_or_insert_mut(c.repo.clone(), Repo::default);
+                    let repo = self
+                        .cache
+                        .repos
+                        .get_or_insert_mut(c.repo.clone(), Repo::default);
                     match continues(repo, c, data) {
                         Continuity::Applies | Continuity::Replayed => out.push(ev),
                         Continuity::AwaitsResync => {
@@ -348,7 +350,10 @@ impl VerifyStage {
                     }
                 }
                 EventKind::Sync(s) => {
-                    let repo = self.cache.repos.get_or_insert_mut(s.did.clone(), Repo::default);
+                    let repo = self
+                        .cache
+                        .repos
+                        .get_or_insert_mut(s.did.clone(), Repo::default);
                     let same = repo.data == Some(data) && repo.rev.as_deref() == Some(&s.rev);
                     let older = repo.rev.as_deref().is_some_and(|r| s.rev.as_str() < r);
                     if !same && !older {
