@@ -237,15 +237,13 @@ pub fn prove_ops(
         let not_proven = || VerifyError::OpNotProven(op.path.clone());
         match &op.value {
             // Hashed by the decoder, from these very bytes: present is enough.
-            Some(value) if op.hashed => {
-                if !blocks.contains(value) {
-                    return Err(VerifyError::MissingBlock(*value));
-                }
+            Some(value) if op.hashed && !blocks.contains(value) => {
+                return Err(VerifyError::MissingBlock(*value));
             }
-            Some(value) => {
+            Some(value) if !op.hashed => {
                 blocks.get(value)?;
             }
-            None => {}
+            _ => {}
         }
         let found = match (op.prev, op.value) {
             // Undo a create (or a create then delete: the path must be absent).
