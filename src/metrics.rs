@@ -309,6 +309,12 @@ metrics! {
         "atproto_ingest_verify_cache_repos", "Repos whose head and key the verifier holds.";
     pub(crate) VERIFY_CACHE_BYTES: Gauge(Bytes)[] =
         "atproto_ingest_verify_cache_bytes", "Estimated bytes of the verifier's repo cache.";
+    /// `what`: `heads` and `keys` (one query per chunk that misses some), `did_document` (one
+    /// per key fetched from a DID document), `resync_heads` (heads of repos in resync, read
+    /// again on the ordered path).
+    pub(crate) VERIFY_LOADS_TOTAL: Counter["what"] =
+        "atproto_ingest_verify_loads_total",
+        "Loads of the verify stage: queries of heads and keys, DID documents fetched.";
 
     // --- Leader election and fencing (§7) ---
     pub(crate) LEADER: Gauge[] = "atproto_ingest_leader", "1 while this instance is the leader.";

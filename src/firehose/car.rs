@@ -40,14 +40,20 @@ struct CarHeader {
     roots: Vec<Cid>,
 }
 
-/// The blocks of one CAR slice, in file order, indexed by CID (a lookup is O(1): a commit
-/// with many ops never scans its blocks once per op).
+/// CARs of more blocks than this are indexed by CID; smaller ones are searched in order. A
+/// commit's CAR holds a dozen blocks: comparing a dozen CIDs costs less than hashing them into
+/// a map (and allocating it), and it is done twice per commit (decoder, verifier).
+const INDEX_ABOVE_BLOCKS: usize = 32;
+
+/// The blocks of one CAR slice, in file order, indexed by CID when there are many (a lookup
+/// stays cheap: a commit with many ops never scans its blocks once per op).
 #[derive(Debug, Default)]
 pub struct Car<'a> {
     roots: Vec<Cid>,
     blocks: Vec<(Cid, &'a [u8])>,
-    /// CID → position in `blocks` of its first section (a repeated CID keeps the first).
-    index: HashMap<Cid, usize>,
+    /// CID → position in `blocks` of its first section (a repeated CID keeps the first);
+    /// only past `INDEX_ABOVE_BLOCKS` blocks.
+    index: Option<HashMap<Cid, usize>>,
 }
 
 impl<'a> Car<'a> {
@@ -69,7 +75,6 @@ impl<'a> Car<'a> {
             return Err(CarError::Header(format!("version {}", header.version)));
         }
         let mut blocks = Vec::with_capacity(8);
-        let mut index = HashMap::with_capacity(8);
         let mut pos = hend;
         while pos < buf.len() {
             let (len, used) = decode_varint(&buf[pos..]).ok_or(CarError::Truncated(pos))?;
@@ -82,10 +87,16 @@ impl<'a> Car<'a> {
             let mut section = &buf[start..end];
             let cid =
                 Cid::read_bytes(&mut section).map_err(|e| CarError::BadCid(pos, e.to_string()))?;
-            index.entry(cid).or_insert(blocks.len());
             blocks.push((cid, section));
             pos = end;
         }
+        let index = (blocks.len() > INDEX_ABOVE_BLOCKS).then(|| {
+            let mut index = HashMap::with_capacity(blocks.len());
+            for (i, (cid, _)) in blocks.iter().enumerate() {
+                index.entry(*cid).or_insert(i);
+            }
+            index
+        });
         Ok(Self {
             roots: header.roots,
             blocks,
@@ -107,15 +118,32 @@ impl<'a> Car<'a> {
         self.blocks.len()
     }
 
+    /// Distinct CIDs among the blocks.
+    pub fn distinct(&self) -> usize {
+        match &self.index {
+            Some(index) => index.len(),
+            None => (0..self.blocks.len())
+                .filter(|&i| self.first(&self.blocks[i].0) == Some(i))
+                .count(),
+        }
+    }
+
+    /// Position of the first block named `cid`.
+    fn first(&self, cid: &Cid) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(cid).copied(),
+            None => self.blocks.iter().position(|(c, _)| c == cid),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
 
     /// The bytes of block `cid`, not hash-checked (for size checks before any hashing).
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
-        self.index
-            .get(cid)
-            .and_then(|&i| self.blocks.get(i))
+        self.first(cid)
+            .and_then(|i| self.blocks.get(i))
             .map(|&(_, data)| data)
     }
 
@@ -192,6 +220,30 @@ pub(crate) mod tests {
             Car::parse(&bad).unwrap().get_verified(&cid_of(a)),
             Err(BlockError::Mismatch)
         );
+    }
+
+    #[test]
+    fn small_and_indexed_cars_find_the_same_first_copies() {
+        // Blocks 0..n, each listed twice (the second copy under the same CID, other bytes):
+        // below and above the index threshold, a lookup gives the first copy.
+        for n in [3usize, INDEX_ABOVE_BLOCKS / 2, INDEX_ABOVE_BLOCKS / 2 + 1] {
+            let datas: Vec<Vec<u8>> = (0..n).map(|i| format!("block {i}").into_bytes()).collect();
+            let mut list: Vec<(Cid, &[u8])> = Vec::new();
+            for d in &datas {
+                list.push((cid_of(d), d.as_slice()));
+            }
+            for d in &datas {
+                list.push((cid_of(d), b"a later copy".as_slice()));
+            }
+            let car = build(&list);
+            let parsed = Car::parse(&car).unwrap();
+            assert_eq!(parsed.index.is_some(), 2 * n > INDEX_ABOVE_BLOCKS, "{n}");
+            assert_eq!((parsed.len(), parsed.distinct()), (2 * n, n));
+            for d in &datas {
+                assert_eq!(parsed.get_verified(&cid_of(d)), Ok(d.as_slice()));
+            }
+            assert_eq!(parsed.get(&cid_of(b"absent")), None);
+        }
     }
 
     #[test]

@@ -1,9 +1,6 @@
-//! The blocks of a CAR indexed by CID, each hash-checked when first used. A firehose CAR
-//! slice holds a dozen blocks, a `getRepo` CAR tens of thousands: the firehose
-//! [`Car`](crate::firehose::car::Car) keeps a list (linear lookup is fastest for a dozen),
-//! this keeps a hash map.
-
-use std::collections::HashMap;
+//! The blocks of a CAR by CID, each hash-checked when used. Lookups go through the
+//! [`Car`](crate::firehose::car::Car)'s own index (a CID → position map built while parsing):
+//! nothing is copied into a second map.
 
 use cid::Cid;
 
@@ -13,43 +10,36 @@ use crate::firehose::car::{self, Car};
 /// A CAR's blocks by CID, borrowed from the CAR buffer.
 #[derive(Debug, Default)]
 pub struct Blocks<'a> {
-    roots: Vec<Cid>,
-    map: HashMap<Cid, &'a [u8]>,
+    car: Car<'a>,
 }
 
 impl<'a> Blocks<'a> {
     /// Parses a CARv1 buffer (header, then blocks). A block listed twice keeps its first copy.
     pub fn parse(buf: &'a [u8]) -> Result<Self, VerifyError> {
         let car = Car::parse(buf).map_err(|e| VerifyError::BadCar(e.to_string()))?;
-        let mut map = HashMap::with_capacity(car.len());
-        for (cid, data) in car.blocks() {
-            map.entry(*cid).or_insert(*data);
-        }
-        Ok(Self {
-            roots: car.roots().to_vec(),
-            map,
-        })
+        Ok(Self { car })
     }
 
     /// The header's only root, if it names exactly one.
     pub fn root(&self) -> Option<Cid> {
-        match self.roots.as_slice() {
+        match self.car.roots() {
             [one] => Some(*one),
             _ => None,
         }
     }
 
+    /// Distinct blocks (a CID listed twice counts once).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.car.distinct()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.car.is_empty()
     }
 
     /// Block `cid`, checked to hash to it.
     pub fn get(&self, cid: &Cid) -> Result<&'a [u8], VerifyError> {
-        let data = *self.map.get(cid).ok_or(VerifyError::MissingBlock(*cid))?;
+        let data = self.car.get(cid).ok_or(VerifyError::MissingBlock(*cid))?;
         if car::verify(cid, data) {
             Ok(data)
         } else {
@@ -59,7 +49,7 @@ impl<'a> Blocks<'a> {
 
     /// Whether block `cid` is present (not hash-checked).
     pub fn contains(&self, cid: &Cid) -> bool {
-        self.map.contains_key(cid)
+        self.car.get(cid).is_some()
     }
 }
 

@@ -146,6 +146,19 @@ struct NetOp {
     path: String,
     prev: Option<Cid>,
     value: Option<Cid>,
+    /// The decoder read the record from the block `value` names, so it is present and
+    /// hashes to `value` already (see [`decoded_from_block`]).
+    hashed: bool,
+}
+
+/// Whether the frame decoder read `record` from its op's block: it hash-checks a block
+/// before decoding it (`limits::BlockCache::record`), and only a hash-checked block yields
+/// a known, generic or lexicon-invalid record.
+fn decoded_from_block(record: &OpRecord) -> bool {
+    matches!(
+        record,
+        OpRecord::Known(_) | OpRecord::Generic(_) | OpRecord::Invalid(_)
+    )
 }
 
 /// Folds the ops of a commit into one net change per path. An `applyWrites` batch may touch
@@ -173,8 +186,10 @@ fn net_ops(ev: &Commit) -> Result<Vec<NetOp>, VerifyError> {
             (Action::Delete, true) => return Err(bad("delete with a cid")),
             _ => {}
         }
+        let hashed = op.cid.is_some() && decoded_from_block(&op.record);
         if let Some(earlier) = out.iter_mut().find(|o| o.path == path) {
             earlier.value = op.cid;
+            earlier.hashed = hashed;
             continue;
         }
         match (op.action, op.prev.is_some()) {
@@ -186,6 +201,7 @@ fn net_ops(ev: &Commit) -> Result<Vec<NetOp>, VerifyError> {
             path,
             prev: op.prev,
             value: op.cid,
+            hashed,
         });
     }
     Ok(out)
@@ -219,8 +235,15 @@ pub fn prove_ops(
     for op in &ops {
         let key = op.path.as_bytes();
         let not_proven = || VerifyError::OpNotProven(op.path.clone());
-        if let Some(value) = &op.value {
-            blocks.get(value)?;
+        match &op.value {
+            // Hashed by the decoder, from these very bytes: present is enough.
+            Some(value) if op.hashed && !blocks.contains(value) => {
+                return Err(VerifyError::MissingBlock(*value));
+            }
+            Some(value) if !op.hashed => {
+                blocks.get(value)?;
+            }
+            _ => {}
         }
         let found = match (op.prev, op.value) {
             // Undo a create (or a create then delete: the path must be absent).

@@ -12,7 +12,9 @@ use cid::Cid;
 
 use super::blocks::Blocks;
 use super::error::VerifyError;
-use super::mst::{cid_for, decode_node, encode_node, key_height, EntryData, NodeData};
+use super::mst::{cid_for, decode_node, key_height, write_node};
+#[cfg(test)]
+use super::mst::{EntryData, NodeData};
 
 /// Highest root accepted: a key of height 32 needs 64 leading zero bits of sha256, so honest
 /// repos never come near it; it bounds recursion on forged trees.
@@ -104,12 +106,49 @@ impl Node {
         if let Some(cid) = self.cid {
             return Ok(cid);
         }
-        let cid = cid_for(&encode_node(&self.data()?)?);
+        let cid = cid_for(&self.bytes()?);
         self.cid = Some(cid);
         Ok(cid)
     }
 
+    /// The node's block (children's CIDs computed as needed), encoded from the entries in
+    /// place: no key is copied.
+    fn bytes(&mut self) -> Result<Vec<u8>, VerifyError> {
+        let mut children: Vec<Cid> = Vec::new();
+        for entry in &mut self.entries {
+            if let Entry::Child(link) = entry {
+                children.push(link.cid()?);
+            }
+        }
+        let mut children = children.into_iter();
+        let mut left = None;
+        let mut wire: Vec<(&[u8], &Cid, Option<Cid>)> = Vec::with_capacity(self.entries.len());
+        let mut after_child = false;
+        for entry in &self.entries {
+            match entry {
+                Entry::Leaf { key, value } => {
+                    wire.push((key, value, None));
+                    after_child = false;
+                }
+                Entry::Child(_) => {
+                    let cid = children.next();
+                    if after_child || cid.is_none() {
+                        return Err(VerifyError::BadMst("two subtrees in a row".into()));
+                    }
+                    match wire.last_mut() {
+                        Some(last) => last.2 = cid,
+                        None => left = cid,
+                    }
+                    after_child = true;
+                }
+            }
+        }
+        let entries = wire.iter().map(|(k, v, r)| (*k, *v, r.as_ref()));
+        write_node(left.as_ref(), wire.len(), entries)
+    }
+
     /// The node in wire form (children's CIDs computed as needed).
+    #[cfg(test)]
     fn data(&mut self) -> Result<NodeData, VerifyError> {
         let mut data = NodeData {
             left: None,

@@ -8,6 +8,7 @@ use cid::Cid;
 use super::*;
 use crate::firehose::car::tests::build;
 use crate::sync::didkey::tests::interop;
+use crate::sync::mst::encode_node;
 
 /// Every node of the loaded part of `node`, encoded.
 fn collect(node: &mut Node, out: &mut HashMap<Cid, Vec<u8>>) {
@@ -16,7 +17,11 @@ fn collect(node: &mut Node, out: &mut HashMap<Cid, Vec<u8>>) {
             collect(child, out);
         }
     }
-    let bytes = encode_node(&node.data().expect("data")).expect("encode");
+    let data = node.data().expect("data");
+    let bytes = node.bytes().expect("bytes");
+    // The in-place encoder, the NodeData encoder and serde agree byte for byte.
+    assert_eq!(bytes, encode_node(&data).expect("encode"));
+    assert_eq!(bytes, crate::sync::mst::tests::serde_encode(&data));
     out.insert(cid_for(&bytes), bytes);
 }
 

@@ -36,3 +36,4 @@ mod tls;
 mod txn;
 mod users;
 mod verify;
+mod verify_loads;

@@ -17,7 +17,7 @@ use atproto_ingest::firehose::frame;
 use atproto_ingest::pipeline::{PipelineConfig, Stats};
 use tokio_util::sync::CancellationToken;
 
-fn verifying(net: &StandIn) -> PipelineConfig {
+pub(crate) fn verifying(net: &StandIn) -> PipelineConfig {
     let mut cfg = PipelineConfig::new(CursorKey {
         service: String::new(),
         fence: 0,
@@ -30,7 +30,7 @@ fn verifying(net: &StandIn) -> PipelineConfig {
     cfg
 }
 
-fn snap_frames() -> Vec<Vec<u8>> {
+pub(crate) fn snap_frames() -> Vec<Vec<u8>> {
     FrameReader::new(open(&common::fixture("snap.frames")).unwrap(), usize::MAX)
         .map(|f| match f.unwrap() {
             RawFrame::Message(m) => m,
@@ -39,14 +39,18 @@ fn snap_frames() -> Vec<Vec<u8>> {
         .collect()
 }
 
-async fn replay_frames(pool: &sqlx::PgPool, frames: &[Vec<u8>], cfg: PipelineConfig) -> Arc<Stats> {
+pub(crate) async fn replay_frames(
+    pool: &sqlx::PgPool,
+    frames: &[Vec<u8>],
+    cfg: PipelineConfig,
+) -> Arc<Stats> {
     let file = tempfile::NamedTempFile::new().unwrap();
     reframe::write_fixture(file.path(), frames);
     common::replay_files(&common::db_config(pool), vec![file.path().to_owned()], cfg).await
 }
 
 /// (state, reason) per repo that is not synchronized, and the resync queue's DIDs.
-async fn broken(
+pub(crate) async fn broken(
     pool: &sqlx::PgPool,
 ) -> (BTreeMap<String, (String, Option<String>)>, BTreeSet<String>) {
     let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(

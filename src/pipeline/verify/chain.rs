@@ -13,6 +13,9 @@ pub(super) struct Repo {
     pub(super) data: Option<Cid>,
     pub(super) synchronized: bool,
     pub(super) key: Option<PublicKey>,
+    /// The chunk of the last `#identity` of the repo since its key was fetched: the key may
+    /// have rotated, the next chunk that needs it fetches the DID document again.
+    pub(super) key_stale: Option<u64>,
 }
 
 impl Repo {
@@ -22,6 +25,7 @@ impl Repo {
             rev: head.rev,
             synchronized: head.state == SYNCHRONIZED,
             key: None,
+            key_stale: None,
         }
     }
 }
@@ -98,6 +102,7 @@ mod tests {
             data,
             synchronized: true,
             key: None,
+            key_stale: None,
         }
     }
 

@@ -3,10 +3,13 @@
 //!
 //! For each chunk, in order:
 //! 1. the heads (`rev`, `data`, sync state) and signing keys of the chunk's repos come from a
-//!    bounded LRU cache, else from `actors`, else (keys only) from the DID document;
-//! 2. every commit is verified on a blocking thread ([`crate::sync::verify_commit`]: CAR root,
-//!    `did`/`rev`, signature, MST proof of every op by inversion to `prevData`), and every
-//!    `#sync` by its signature;
+//!    bounded LRU cache, else from `actors`, else (keys only) from the DID document. What is
+//!    missing is loaded as soon as the chunk arrives, by a task of its own, while earlier
+//!    chunks verify ([`load`]): the ordered path never waits on a query or a DID document
+//!    that only some repos need;
+//! 2. every commit is verified on the blocking pool, the chunk split in one part per core
+//!    ([`check`]; [`crate::sync::verify_commit`]: CAR root, `did`/`rev`, signature, MST proof
+//!    of every op by inversion to `prevData`), and every `#sync` by its signature;
 //! 3. in seq order, each verified commit is checked against its repo's head: `since` must be
 //!    the stored `rev` and `prevData` the stored `data` (a commit not newer than the head is a
 //!    replay and passes on; the writer skips it). A commit that does not chain desynchronizes
@@ -16,24 +19,25 @@
 //!    held instead ([`Held`]): the CAR being fetched may miss it; the resync applies it after
 //!    the CAR, and the writer keeps the durable cursor below the oldest held event.
 //!
-//! A commit that fails verification writes nothing and is counted by reason. On a bad
-//! signature the DID document is fetched again once (the key may have rotated). A repo
+//! A commit that fails verification writes nothing and is counted by reason. An `#identity`
+//! event makes its repo's key stale: the next chunk that needs it fetches the DID document
+//! again. On a bad signature the DID document is fetched again once (the key may have
+//! rotated). A repo
 //! whose key cannot be had is desynchronized (`key_unavailable`) rather than trusted.
 //! Desynchronization marks are written at once (`repos::desynchronize`), before the cursor
 //! can pass the event that caused them, so a crash never forgets them.
 
 mod chain;
+mod check;
+mod load;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::num::NonZeroUsize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cid::Cid;
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
-use lru::LruCache;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{queue, DecodedChunk, PipelineError};
 use crate::firehose::{Event, EventKind};
@@ -41,8 +45,10 @@ use crate::identity::Resolver;
 use crate::metrics as m;
 use crate::repos;
 use crate::resync::Held;
-use crate::sync::{verify_commit, verify_sync, PublicKey, VerifyError};
+use crate::sync::VerifyError;
 use chain::{continues, Continuity, Repo};
+use check::{Check, Verifying};
+use load::{Cache, Loaded};
 
 /// Repos whose head and key the stage remembers (~250 bytes each: ~25 MB at most). Far more
 /// than the events in flight between this stage and the writer, so an evicted repo's head is
@@ -50,8 +56,12 @@ use chain::{continues, Continuity, Repo};
 pub const DEFAULT_VERIFY_CACHE_REPOS: usize = 100_000;
 /// Estimated bytes of one cache entry (DID, rev, two CIDs, key, LRU links).
 const ENTRY_BYTES: usize = 256;
-/// Chunks verifying at once (one per core of the 2-core target machine).
+/// Chunks verifying at once (each split in one part per core): while one is being finished
+/// (continuity, marks) and handed on, the next ones keep the cores busy.
 const VERIFY_DEPTH: usize = 2;
+/// Chunks whose heads and keys load ahead of their verification (a query and a few DID
+/// documents each: two keep a slow load from ever holding the verification up).
+const LOAD_AHEAD: usize = 2;
 /// DID documents fetched at once for keys missing from the cache and `actors`.
 const KEY_FETCHES: usize = 16;
 /// Counted reason of a repo whose signing key could not be found.
@@ -135,26 +145,23 @@ pub(super) struct VerifyStage {
     /// Where live events of repos in resync wait (shared with the resync workers).
     held: Option<Arc<Held>>,
     resolver: Arc<Resolver>,
-    repos: LruCache<String, Repo>,
+    cache: Cache,
+    /// Number of the next chunk to arrive.
+    next_chunk: u64,
+    /// Parts a chunk is verified in (the cores).
+    parts: usize,
     stats: Arc<VerifyStats>,
 }
 
-/// A chunk verified on a blocking thread: its events (taken out of it) and their checks.
-struct Verifying {
+/// A chunk whose heads and keys are loading.
+struct Loading {
+    /// The chunk's number in arrival order.
+    number: u64,
     chunk: DecodedChunk,
-    events: Vec<Event>,
-    checks: Vec<Check>,
-}
-
-/// The result of verifying one event on the blocking thread.
-enum Check {
-    /// Not a commit or `#sync`, or a `tooBig` commit (the writer marks those).
-    Pass,
-    Ok {
-        data: Cid,
-    },
-    Failed(VerifyError),
-    NoKey,
+    /// The repos its events verify against.
+    dids: Vec<String>,
+    /// Aborted if the stage stops first.
+    load: AbortOnDropHandle<Result<Loaded, PipelineError>>,
 }
 
 impl VerifyStage {
@@ -165,12 +172,13 @@ impl VerifyStage {
         stats: Arc<VerifyStats>,
         held: Option<Arc<Held>>,
     ) -> Self {
-        let cap = NonZeroUsize::new(cache_repos.max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
             pool,
             held,
             resolver,
-            repos: LruCache::new(cap),
+            cache: Cache::new(cache_repos),
+            next_chunk: 0,
+            parts: std::thread::available_parallelism().map_or(1, |n| n.get()),
             stats,
         }
     }
@@ -181,34 +189,52 @@ impl VerifyStage {
         mut rx: queue::Receiver<DecodedChunk>,
         tx: queue::Sender<DecodedChunk>,
     ) -> Result<(), PipelineError> {
-        // Up to `VERIFY_DEPTH` chunks verify at once on blocking threads while the next one's
-        // heads and keys load; they are finished (continuity, marks) and handed on in order.
-        let mut inflight: VecDeque<JoinHandle<Verifying>> = VecDeque::new();
+        // Each chunk goes through three queues in order: its load runs as soon as it arrives
+        // (up to `LOAD_AHEAD` chunks), it verifies on the blocking pool (up to `VERIFY_DEPTH`
+        // chunks), then it is finished (continuity, marks) and handed on. Finishing comes
+        // first, then starting verification, then taking a new chunk.
+        let mut loading: VecDeque<Loading> = VecDeque::new();
+        let mut verifying: VecDeque<JoinHandle<Result<Verifying, PipelineError>>> = VecDeque::new();
         let mut open = true;
         loop {
             tokio::select! {
                 biased;
                 done = async {
-                    match inflight.front_mut() {
+                    match verifying.front_mut() {
                         Some(job) => job.await,
                         None => std::future::pending().await,
                     }
-                }, if !inflight.is_empty() => {
-                    inflight.pop_front();
-                    let verifying = done.map_err(|source| PipelineError::Task {
+                }, if !verifying.is_empty() => {
+                    verifying.pop_front();
+                    let verified = done.map_err(|source| PipelineError::Task {
                         task: "verify job",
                         source,
-                    })?;
-                    let chunk = self.finish(verifying).await?;
-                    metrics::gauge!(m::VERIFY_CACHE_REPOS).set(self.repos.len() as f64);
+                    })??;
+                    let chunk = self.finish(verified).await?;
+                    metrics::gauge!(m::VERIFY_CACHE_REPOS).set(self.cache.repos.len() as f64);
                     metrics::gauge!(m::VERIFY_CACHE_BYTES)
-                        .set((self.repos.len() * ENTRY_BYTES) as f64);
+                        .set((self.cache.repos.len() * ENTRY_BYTES) as f64);
                     if tx.send(chunk).await.is_err() {
                         return Ok(());
                     }
                 }
-                next = rx.recv(), if open && inflight.len() < VERIFY_DEPTH => match next {
-                    Some(chunk) => inflight.push_back(self.start(chunk).await?),
+                loaded = async {
+                    match loading.front_mut() {
+                        Some(l) => (&mut l.load).await,
+                        None => std::future::pending().await,
+                    }
+                }, if !loading.is_empty() && verifying.len() < VERIFY_DEPTH => {
+                    let Some(next) = loading.pop_front() else {
+                        continue;
+                    };
+                    let loaded = loaded.map_err(|source| PipelineError::Task {
+                        task: "verify load",
+                        source,
+                    })??;
+                    verifying.push_back(self.start(next, loaded).await?);
+                }
+                next = rx.recv(), if open && loading.len() < LOAD_AHEAD => match next {
+                    Some(chunk) => loading.push_back(self.arrive(chunk)),
                     None => open = false,
                 },
                 else => return Ok(()),
@@ -216,41 +242,47 @@ impl VerifyStage {
         }
     }
 
-    /// Loads the heads and keys `chunk` needs and starts verifying it on a blocking thread.
+    /// Decides what `chunk` needs and starts loading it.
+    fn arrive(&mut self, chunk: DecodedChunk) -> Loading {
+        let number = self.next_chunk;
+        self.next_chunk += 1;
+        let dids = load::repos_of(&chunk.events);
+        let needs = self.cache.needs(number, &chunk.events, &dids);
+        let load = AbortOnDropHandle::new(tokio::spawn(load::load(
+            self.pool.clone(),
+            self.resolver.clone(),
+            needs,
+        )));
+        Loading {
+            number,
+            chunk,
+            dids,
+            load,
+        }
+    }
+
+    /// Folds a chunk's load into the cache and starts verifying it.
     async fn start(
         &mut self,
-        mut chunk: DecodedChunk,
-    ) -> Result<JoinHandle<Verifying>, PipelineError> {
-        let dids: Vec<String> = {
-            let mut set = HashSet::new();
-            for ev in &chunk.events {
-                match &ev.kind {
-                    EventKind::Commit(c) if c.readable() => set.insert(c.repo.clone()),
-                    EventKind::Sync(s) => set.insert(s.did.clone()),
-                    _ => false,
-                };
-            }
-            let mut v: Vec<String> = set.into_iter().collect();
-            v.sort_unstable();
-            v
-        };
-        self.load(&dids).await?;
-        let keys: HashMap<String, PublicKey> = dids
+        next: Loading,
+        loaded: Loaded,
+    ) -> Result<JoinHandle<Result<Verifying, PipelineError>>, PipelineError> {
+        let Loading {
+            number,
+            chunk,
+            dids,
+            ..
+        } = next;
+        self.cache.apply(number, loaded);
+        self.reload_unsynchronized(&dids).await?;
+        let keys: HashMap<String, _> = dids
             .iter()
             .filter_map(|d| {
-                let key = self.repos.peek(d)?.key.clone()?;
+                let key = self.cache.repos.peek(d)?.key.clone()?;
                 Some((d.clone(), key))
             })
             .collect();
-        let events = std::mem::take(&mut chunk.events);
-        Ok(tokio::task::spawn_blocking(move || {
-            let checks: Vec<Check> = events.iter().map(|ev| check(ev, &keys)).collect();
-            Verifying {
-                chunk,
-                events,
-                checks,
-            }
-        }))
+        Ok(check::spawn(chunk, keys, self.parts))
     }
 
     /// Walks a verified chunk in seq order: rechecks bad signatures, checks continuity,
@@ -270,12 +302,7 @@ impl VerifyStage {
             };
             let data = match check {
                 Check::Pass => {
-                    // #identity: the signing key may have changed.
-                    if let EventKind::Identity(i) = &ev.kind {
-                        if let Some(r) = self.repos.get_mut(&i.did) {
-                            r.key = None;
-                        }
-                    }
+                    // An #identity made its repo's key stale when its chunk arrived.
                     if let Some(ev) = self.hold_if_resyncing(ev) {
                         out.push(ev);
                     }
@@ -305,7 +332,10 @@ impl VerifyStage {
             };
             match &mut ev.kind {
                 EventKind::Commit(c) => {
-                    let repo = self.repos.get_or_insert_mut(c.repo.clone(), Repo::default);
+                    let repo = self
+                        .cache
+                        .repos
+                        .get_or_insert_mut(c.repo.clone(), Repo::default);
                     match continues(repo, c, data) {
                         Continuity::Applies | Continuity::Replayed => out.push(ev),
                         Continuity::AwaitsResync => {
@@ -320,7 +350,10 @@ impl VerifyStage {
                     }
                 }
                 EventKind::Sync(s) => {
-                    let repo = self.repos.get_or_insert_mut(s.did.clone(), Repo::default);
+                    let repo = self
+                        .cache
+                        .repos
+                        .get_or_insert_mut(s.did.clone(), Repo::default);
                     let same = repo.data == Some(data) && repo.rev.as_deref() == Some(&s.rev);
                     let older = repo.rev.as_deref().is_some_and(|r| s.rev.as_str() < r);
                     if !same && !older {
@@ -352,7 +385,7 @@ impl VerifyStage {
             return Some(ev);
         }
         // Its head changes under the resync: read it again from `actors` afterwards.
-        if let Some(r) = self.repos.get_mut(did) {
+        if let Some(r) = self.cache.repos.get_mut(did) {
             r.synchronized = false;
         }
         self.stats.held.fetch_add(1, Ordering::Relaxed);
@@ -370,7 +403,7 @@ impl VerifyStage {
 
     /// Marks `did` desynchronized (written before the chunk is handed on).
     fn desync(&mut self, did: &str, reason: &'static str, marks: &mut Vec<(String, &'static str)>) {
-        if let Some(r) = self.repos.get_mut(did) {
+        if let Some(r) = self.cache.repos.get_mut(did) {
             if !r.synchronized {
                 return;
             }
@@ -382,88 +415,6 @@ impl VerifyStage {
         marks.push((did.to_owned(), reason));
     }
 
-    /// Fills the cache for `dids`: heads of repos not cached or not synchronized (their state
-    /// changes under resyncs) from `actors`, then keys from `actors.signing_key` and, for the
-    /// rest, from DID documents.
-    async fn load(&mut self, dids: &[String]) -> Result<(), PipelineError> {
-        let stale: Vec<String> = dids
-            .iter()
-            .filter(|d| self.repos.peek(*d).is_none_or(|r| !r.synchronized))
-            .cloned()
-            .collect();
-        let need_key: Vec<String> = dids
-            .iter()
-            .filter(|d| self.repos.peek(*d).is_none_or(|r| r.key.is_none()))
-            .cloned()
-            .collect();
-        if stale.is_empty() && need_key.is_empty() {
-            return Ok(());
-        }
-        let client = self.pool.get().await.map_err(PipelineError::VerifyPool)?;
-        if !stale.is_empty() {
-            let heads = repos::heads(&**client, &stale)
-                .await
-                .map_err(PipelineError::VerifyDb)?;
-            let mut found: HashSet<String> = HashSet::new();
-            for (did, head) in heads {
-                let key = self.repos.peek(&did).and_then(|r| r.key.clone());
-                let mut repo = Repo::from_head(head);
-                repo.key = key;
-                found.insert(did.clone());
-                self.repos.put(did, repo);
-            }
-            for did in stale.into_iter().filter(|d| !found.contains(d)) {
-                self.repos.put(
-                    did,
-                    Repo {
-                        synchronized: true,
-                        ..Repo::default()
-                    },
-                );
-            }
-        }
-        if need_key.is_empty() {
-            return Ok(());
-        }
-        let rows = client
-            .query(
-                "SELECT did, signing_key FROM actors WHERE did = ANY($1) AND signing_key IS NOT NULL",
-                &[&need_key],
-            )
-            .await
-            .map_err(PipelineError::VerifyDb)?;
-        drop(client);
-        let mut missing: HashSet<String> = need_key.into_iter().collect();
-        for row in rows {
-            let (Ok(did), Ok(key)) = (row.try_get::<_, String>(0), row.try_get::<_, String>(1))
-            else {
-                continue;
-            };
-            if let (Ok(key), Some(repo)) = (PublicKey::parse(&key), self.repos.get_mut(&did)) {
-                repo.key = Some(key);
-                missing.remove(&did);
-            }
-        }
-        let resolver = self.resolver.clone();
-        let fetched: Vec<(String, Option<PublicKey>)> =
-            futures_util::stream::iter(missing.into_iter().map(|did| {
-                let resolver = resolver.clone();
-                async move {
-                    let key = fetch_key(&resolver, &did).await;
-                    (did, key)
-                }
-            }))
-            .buffer_unordered(KEY_FETCHES)
-            .collect()
-            .await;
-        for (did, key) in fetched {
-            if let Some(repo) = self.repos.get_mut(&did) {
-                repo.key = key;
-            }
-        }
-        Ok(())
-    }
-
     /// A bad signature: the key may have rotated. Fetches the DID document again (once) and
     /// verifies with the new key if it differs.
     async fn recheck(&mut self, ev: &Event) -> Check {
@@ -471,49 +422,15 @@ impl VerifyStage {
             return Check::Failed(VerifyError::BadSignature);
         };
         self.resolver.invalidate(did);
-        let fresh = fetch_key(&self.resolver, did).await;
-        let old = self.repos.peek(did).and_then(|r| r.key.clone());
+        let fresh = load::fetch_key(&self.resolver, did).await;
+        let old = self.cache.repos.peek(did).and_then(|r| r.key.clone());
         let Some(key) = fresh.filter(|k| Some(k) != old.as_ref()) else {
             return Check::Failed(VerifyError::BadSignature);
         };
-        if let Some(repo) = self.repos.get_mut(did) {
+        if let Some(repo) = self.cache.repos.get_mut(did) {
             repo.key = Some(key.clone());
         }
         let keys = HashMap::from([(did.to_owned(), key)]);
-        check(ev, &keys)
-    }
-}
-
-async fn fetch_key(resolver: &Resolver, did: &str) -> Option<PublicKey> {
-    match resolver.resolve_did(did).await {
-        Ok(doc) => doc
-            .signing_key
-            .as_deref()
-            .and_then(|k| PublicKey::parse(k).ok()),
-        Err(e) => {
-            tracing::debug!(did, error = %e, "no signing key");
-            None
-        }
-    }
-}
-
-/// Verifies one event with its repo's key (pure; runs on a blocking thread).
-fn check(ev: &Event, keys: &HashMap<String, PublicKey>) -> Check {
-    match &ev.kind {
-        EventKind::Commit(c) if c.readable() => match keys.get(&c.repo) {
-            None => Check::NoKey,
-            Some(key) => match verify_commit(c, key) {
-                Ok(v) => Check::Ok { data: v.data },
-                Err(e) => Check::Failed(e),
-            },
-        },
-        EventKind::Sync(s) => match keys.get(&s.did) {
-            None => Check::NoKey,
-            Some(key) => match verify_sync(s, key) {
-                Ok(v) => Check::Ok { data: v.data },
-                Err(e) => Check::Failed(e),
-            },
-        },
-        _ => Check::Pass,
+        check::check(ev, &keys)
     }
 }
