@@ -359,6 +359,37 @@ pub(crate) mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Random nodes (keys over a 3-letter alphabet, so that prefixes are shared, up to 300
+        /// bytes; random subtrees) encode as serde encodes them.
+        #[test]
+        fn encoder_matches_serde_on_random_nodes(
+            left in proptest::option::of(proptest::collection::vec(0u8..=255, 0..8)),
+            entries in proptest::collection::vec(
+                (
+                    proptest::collection::vec(0u8..3, 0..300),
+                    proptest::collection::vec(0u8..=255, 0..8),
+                    proptest::option::of(0u8..=255),
+                ),
+                0..40,
+            ),
+        ) {
+            let entries = entries
+                .into_iter()
+                .map(|(key, value, right)| EntryData {
+                    key,
+                    value: cid_for(&value),
+                    right: right.map(|r| cid_for(&[r])),
+                })
+                .collect();
+            let node = NodeData {
+                left: left.map(|l| cid_for(&l)),
+                entries,
+            };
+            proptest::prop_assert_eq!(encode_node(&node).expect("encodes"), serde_encode(&node));
+        }
+    }
+
     #[test]
     fn malformed_nodes_are_errors() {
         let leaf = cid_for(b"leaf");

@@ -13,8 +13,6 @@ use cid::Cid;
 use super::blocks::Blocks;
 use super::error::VerifyError;
 use super::mst::{cid_for, decode_node, key_height, write_node};
-#[cfg(test)]
-use super::mst::{EntryData, NodeData};
 
 /// Highest root accepted: a key of height 32 needs 64 leading zero bits of sha256, so honest
 /// repos never come near it; it bounds recursion on forged trees.
@@ -145,35 +143,6 @@ impl Node {
         }
         let entries = wire.iter().map(|(k, v, r)| (*k, *v, r.as_ref()));
         write_node(left.as_ref(), wire.len(), entries)
-    }
-
-    /// The node in wire form (children's CIDs computed as needed).
-    #[cfg(test)]
-    fn data(&mut self) -> Result<NodeData, VerifyError> {
-        let mut data = NodeData {
-            left: None,
-            entries: Vec::with_capacity(self.entries.len()),
-        };
-        for entry in &mut self.entries {
-            match entry {
-                Entry::Leaf { key, value } => data.entries.push(EntryData {
-                    key: key.clone(),
-                    value: *value,
-                    right: None,
-                }),
-                Entry::Child(link) => {
-                    let cid = link.cid()?;
-                    let slot = match data.entries.last_mut() {
-                        Some(last) => &mut last.right,
-                        None => &mut data.left,
-                    };
-                    if slot.replace(cid).is_some() {
-                        return Err(VerifyError::BadMst("two subtrees in a row".into()));
-                    }
-                }
-            }
-        }
-        Ok(data)
     }
 }
 

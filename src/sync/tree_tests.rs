@@ -8,7 +8,37 @@ use cid::Cid;
 use super::*;
 use crate::firehose::car::tests::build;
 use crate::sync::didkey::tests::interop;
-use crate::sync::mst::encode_node;
+use crate::sync::mst::{encode_node, EntryData, NodeData};
+
+impl Node {
+    /// The node in wire form (children's CIDs computed as needed).
+    pub(super) fn data(&mut self) -> Result<NodeData, VerifyError> {
+        let mut data = NodeData {
+            left: None,
+            entries: Vec::with_capacity(self.entries.len()),
+        };
+        for entry in &mut self.entries {
+            match entry {
+                Entry::Leaf { key, value } => data.entries.push(EntryData {
+                    key: key.clone(),
+                    value: *value,
+                    right: None,
+                }),
+                Entry::Child(link) => {
+                    let cid = link.cid()?;
+                    let slot = match data.entries.last_mut() {
+                        Some(last) => &mut last.right,
+                        None => &mut data.left,
+                    };
+                    if slot.replace(cid).is_some() {
+                        return Err(VerifyError::BadMst("two subtrees in a row".into()));
+                    }
+                }
+            }
+        }
+        Ok(data)
+    }
+}
 
 /// Every node of the loaded part of `node`, encoded.
 fn collect(node: &mut Node, out: &mut HashMap<Cid, Vec<u8>>) {

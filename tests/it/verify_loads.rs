@@ -15,22 +15,26 @@ use crate::verify::{broken, replay_frames, snap_frames, verifying};
 /// Chunks of ~30 frames (the raw queue's quarter of 2 MB / 8).
 const SMALL_BUDGET_MB: u64 = 2;
 
-/// Repos with an `#identity` followed, at least `gap` frames later, by a commit.
-fn rotated_then_committing(frames: &[Vec<u8>], gap: usize) -> BTreeSet<String> {
+/// Repos with a commit at least `gap` frames before an `#identity` (so their key is loaded
+/// before it) and another at least `gap` frames after it.
+fn rotated_between_commits(frames: &[Vec<u8>], gap: usize) -> BTreeSet<String> {
     let kinds: Vec<Option<EventKind>> = frames
         .iter()
         .map(|m| frame::decode(m).ok().map(|d| d.event.kind))
         .collect();
+    let commits_of = |did: &str, range: &[Option<EventKind>]| {
+        range
+            .iter()
+            .any(|k| matches!(k, Some(EventKind::Commit(c)) if c.repo == did))
+    };
     let mut out = BTreeSet::new();
     for (i, kind) in kinds.iter().enumerate() {
         let Some(EventKind::Identity(id)) = kind else {
             continue;
         };
-        let later = kinds
-            .iter()
-            .skip(i + gap)
-            .any(|k| matches!(k, Some(EventKind::Commit(c)) if c.repo == id.did));
-        if later {
+        let before = &kinds[..i.saturating_sub(gap)];
+        let after = kinds.get(i + gap..).unwrap_or_default();
+        if commits_of(&id.did, before) && commits_of(&id.did, after) {
             out.insert(id.did.clone());
         }
     }
@@ -61,9 +65,10 @@ async fn loads_ahead_of_small_chunks_equal_the_truth_and_refetch_rotated_keys(po
     let frames = snap_frames();
     let stats = replay_frames(&pool, &frames, cfg).await;
     assert_all_verified_and_truth(&pool, &stats).await;
-    // A commit 100 frames after an #identity is in a later chunk than it.
-    let rotated = rotated_then_committing(&frames, 100);
-    assert!(rotated.len() >= 5, "{rotated:?}");
+    // 100 frames apart is several chunks apart: the key was loaded before the #identity,
+    // and the chunk of the commit after it fetches the DID document again.
+    let rotated = rotated_between_commits(&frames, 100);
+    assert!(rotated.len() >= 3, "{rotated:?}");
     for did in &rotated {
         let fetched = net.requests(standin::PLC, did);
         assert!(fetched >= 2, "{did}: DID document fetched {fetched} times");
