@@ -244,8 +244,14 @@ async fn drive(
         if listed_all && status.pending == 0 {
             return finish(pool, &relay, status).await;
         }
-        if listed_all && crate::retry::sleep(CHECK_PERIOD, cancel).await.is_err() {
-            return Err(BackfillError::Interrupted);
+        if listed_all {
+            // The next check after the period, or as soon as the workers find nothing to do
+            // (the likely end, seen without waiting out the period).
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(BackfillError::Interrupted),
+                _ = tokio::time::sleep(CHECK_PERIOD) => {}
+                _ = stats.idle.notified() => {}
+            }
         }
     }
 }

@@ -104,6 +104,7 @@ impl Resyncer {
             Err(e) => {
                 warn!(repos = ready.len(), error = %e, "resync group failed; writing its repos one by one");
                 metrics::counter!(crate::metrics::RESYNC_GROUP_FALLBACKS_TOTAL).increment(1);
+                let fallback = Instant::now();
                 let mut each = Vec::with_capacity(ready.len());
                 for r in &ready {
                     let t0 = Instant::now();
@@ -114,6 +115,7 @@ impl Resyncer {
                     self.stats.add_time("write_tx", t0);
                     each.push(one.map(|(o, _)| o).map_err(ResyncError::from));
                 }
+                self.stats.add_time("group_fallback", fallback);
                 each
             }
         };

@@ -101,6 +101,9 @@ pub struct ResyncStats {
     pub records_written: AtomicU64,
     /// Records of the CARs, changed or not.
     pub records_seen: AtomicU64,
+    /// Signalled when the workers find no repo due and none in flight (at most once per
+    /// poll): a backfill checks whether it is over at once instead of at its next period.
+    pub(crate) idle: tokio::sync::Notify,
 }
 
 impl ResyncStats {

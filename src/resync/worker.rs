@@ -83,6 +83,9 @@ pub async fn run_workers(
                 Err(e) => warn!(error = %e, "claiming due resyncs failed; retrying"),
             }
         }
+        if inflight.is_empty() && claimed == 0 {
+            resyncer.stats.idle.notify_one();
+        }
         if inflight.is_empty() && claimed == 0 && finish.is_cancelled() {
             break;
         }

@@ -133,3 +133,42 @@ async fn a_repo_that_fails_verification_leaves_the_rest_of_its_group_written(poo
     assert_eq!(net.total_requests(standin::GET_REPO), 50);
     assert_backfilled(&pool, &net, &common::truth("snap")).await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_group_whose_transaction_fails_is_written_repo_by_repo(pool: sqlx::PgPool) {
+    let net = StandIn::snap().await;
+    let db = common::db_config(&pool);
+    atproto_ingest::db::prepare(&db).await.unwrap();
+    // A feed item already stored for a post of a repo never stored: the group's COPY of its
+    // feed items hits the duplicate key and the whole group transaction fails.
+    let fetchable: Vec<String> = net.network().fetchable_dids();
+    let truth = common::truth("snap");
+    let post = truth.live["app.bsky.feed.post"]
+        .iter()
+        .find(|u| {
+            fetchable
+                .iter()
+                .any(|d| u.starts_with(&format!("at://{d}/")))
+        })
+        .unwrap()
+        .clone();
+    let did = post
+        .trim_start_matches("at://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    sqlx::query(
+        "INSERT INTO feed_items (uri, post_uri, originator_did, type, sort_at) \
+         VALUES ($1, $1, $2, 'post', now())",
+    )
+    .bind(&post)
+    .bind(&did)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (report, times) = run_timed(&pool, &db, grouped(&net, 16)).await;
+    assert_eq!((report.done, report.failed.len()), (48, 0), "{report:?}");
+    assert!(times.contains_key("group_fallback"), "{times:?}");
+    assert_backfilled(&pool, &net, &truth).await;
+}
