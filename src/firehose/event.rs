@@ -56,6 +56,25 @@ impl Event {
             },
         }
     }
+
+    /// A `#commit` of `repo` at `rev` with no ops, no blocks and no chain fields: the base
+    /// of unit tests' commits (struct update syntax sets what a test needs).
+    pub(crate) fn bare_commit(repo: &str, rev: &str) -> Commit {
+        Commit {
+            repo: repo.into(),
+            rev: rev.into(),
+            since: None,
+            commit: cid::Cid::default(),
+            prev_data: None,
+            time: String::new(),
+            too_big: false,
+            ops: Vec::new(),
+            blocks: Vec::new(),
+            over_limit: None,
+            records_bytes: 0,
+            data: None,
+        }
+    }
 }
 
 impl EventKind {

@@ -155,8 +155,11 @@ async fn write_group(
     fence: Option<&CursorKey>,
 ) -> Result<(Vec<TxOutcome>, Applied), WriteError> {
     // As for one repo: a commit lost in a server crash leaves the repos queued (`one.rs`).
-    tx.batch_execute("SET LOCAL synchronous_commit = off")
-        .await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL synchronous_commit = off; {}",
+        crate::writer::INDEXED_PLANS
+    ))
+    .await?;
     let t0 = Instant::now();
     let mut dids: Vec<&str> = ready.iter().map(|r| r.repo.did.as_str()).collect();
     dids.sort_unstable();

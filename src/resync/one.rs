@@ -240,8 +240,11 @@ pub(super) async fn write_repo(
     // queue included, is in this transaction, so a commit lost in a server crash leaves the
     // repo queued and it is simply resynced again; and any later synchronous commit (the
     // batch that moves the cursor past held events) flushes this one first.
-    tx.batch_execute("SET LOCAL synchronous_commit = off")
-        .await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL synchronous_commit = off; {}",
+        crate::writer::INDEXED_PLANS
+    ))
+    .await?;
     let insert = tx
         .prepare_cached("INSERT INTO actors (did) VALUES ($1) ON CONFLICT (did) DO NOTHING")
         .await?;

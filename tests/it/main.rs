@@ -24,6 +24,7 @@ mod limits;
 mod live;
 mod malformed;
 mod netguard;
+mod plans;
 mod process;
 mod relay_client;
 mod relay_sanity;

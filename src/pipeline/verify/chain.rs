@@ -81,18 +81,10 @@ mod tests {
 
     fn commit(rev: &str, since: Option<&str>, prev_data: Option<Cid>) -> Commit {
         Commit {
-            repo: "did:plc:x".into(),
-            rev: rev.into(),
             since: since.map(str::to_owned),
             commit: cid(0),
             prev_data,
-            time: String::new(),
-            too_big: false,
-            ops: Vec::new(),
-            blocks: Vec::new(),
-            over_limit: None,
-            records_bytes: 0,
-            data: None,
+            ..crate::firehose::Event::bare_commit("did:plc:x", rev)
         }
     }
 

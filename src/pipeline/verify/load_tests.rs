@@ -2,7 +2,7 @@
 //! loads that overlap.
 
 use super::*;
-use crate::firehose::event::{Commit, Identity};
+use crate::firehose::event::Identity;
 use crate::repos::SYNCHRONIZED;
 
 const X: &str = "did:plc:x";
@@ -18,20 +18,7 @@ fn key(n: usize) -> PublicKey {
 fn commit(did: &str) -> Event {
     Event {
         seq: 1,
-        kind: EventKind::Commit(Commit {
-            repo: did.into(),
-            rev: "3aaa".into(),
-            since: None,
-            commit: cid::Cid::default(),
-            prev_data: None,
-            time: String::new(),
-            too_big: false,
-            ops: Vec::new(),
-            blocks: Vec::new(),
-            over_limit: None,
-            records_bytes: 0,
-            data: None,
-        }),
+        kind: EventKind::Commit(Event::bare_commit(did, "3aaa")),
     }
 }
 
