@@ -154,12 +154,7 @@ async fn write_group(
     ready: &[Ready<'_>],
     fence: Option<&CursorKey>,
 ) -> Result<(Vec<TxOutcome>, Applied), WriteError> {
-    // As for one repo: a commit lost in a server crash leaves the repos queued (`one.rs`).
-    tx.batch_execute(&format!(
-        "SET LOCAL synchronous_commit = off; {}",
-        crate::writer::INDEXED_PLANS
-    ))
-    .await?;
+    super::one::begin_resync_tx(tx).await?;
     let t0 = Instant::now();
     let mut dids: Vec<&str> = ready.iter().map(|r| r.repo.did.as_str()).collect();
     dids.sort_unstable();

@@ -236,15 +236,7 @@ pub(super) async fn write_repo(
     fence: Option<&CursorKey>,
 ) -> Result<(TxOutcome, Applied), WriteError> {
     let did = repo.did.as_str();
-    // Safe without waiting for the WAL flush: everything the resync does, its leaving the
-    // queue included, is in this transaction, so a commit lost in a server crash leaves the
-    // repo queued and it is simply resynced again; and any later synchronous commit (the
-    // batch that moves the cursor past held events) flushes this one first.
-    tx.batch_execute(&format!(
-        "SET LOCAL synchronous_commit = off; {}",
-        crate::writer::INDEXED_PLANS
-    ))
-    .await?;
+    begin_resync_tx(tx).await?;
     let insert = tx
         .prepare_cached("INSERT INTO actors (did) VALUES ($1) ON CONFLICT (did) DO NOTHING")
         .await?;
@@ -283,4 +275,20 @@ pub(super) async fn write_repo(
         None => {}
     }
     Ok((TxOutcome::Done { diff, in_sync }, applied))
+}
+
+/// What every resync transaction (one repo here, a group in `group.rs`) sets first: the
+/// writer's index-only plans, and asynchronous commit. The latter is safe: everything the
+/// resync does, its leaving the queue included, is in this transaction, so a commit lost in a
+/// server crash leaves the repo queued and it is simply resynced again; and any later
+/// synchronous commit (the batch that moves the cursor past held events) flushes this one
+/// first.
+pub(super) async fn begin_resync_tx(
+    tx: &deadpool_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute(&format!(
+        "SET LOCAL synchronous_commit = off; {}",
+        crate::writer::INDEXED_PLANS
+    ))
+    .await
 }
