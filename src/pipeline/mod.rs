@@ -65,10 +65,13 @@ const DECODED_QUEUE_CHUNKS: usize = 4;
 /// Batches queued ahead of the writer: one being built while one is written.
 const BATCH_QUEUE: usize = 1;
 
-/// Writer lanes by default: one. On the 2-core benchmark machine, shared with other work, two
-/// lanes were not faster within the noise and cost ~20 % more PostgreSQL CPU (README,
-/// Performance); more lanes pay where PostgreSQL has idle cores.
-pub const DEFAULT_WRITER_LANES: usize = 1;
+/// Writer lanes by default: two. One PostgreSQL backend applying a batch at a time is the
+/// bottleneck; on the 2-core benchmark machine with nothing else running, two lanes replayed the
+/// bench corpus at 26.3 k events/s against 21.4 k with one (medians of 4 interleaved runs; three
+/// lanes 25.5 k), for ~6 % more PostgreSQL CPU (README, Performance). When other work held the
+/// second core the two were within the noise. At live rates the cost is two more small commits
+/// per batch.
+pub const DEFAULT_WRITER_LANES: usize = 2;
 /// Upper bound of `--writer-lanes` (each lane holds a connection of the pool).
 pub const MAX_WRITER_LANES: usize = 16;
 
