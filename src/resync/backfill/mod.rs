@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +30,16 @@ pub const DEFAULT_PAGE_LIMIT: usize = 1000;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Limit on one page request.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often completion is checked and the gauges refreshed.
+/// How often completion is checked once every page is read (an `EXISTS` over the repos still
+/// queued: cheap at any size), and the shortest period of the full count below.
 const CHECK_PERIOD: Duration = Duration::from_millis(250);
+/// The full count of the listed repos by outcome (progress bar, gauges, the final report) reads
+/// every listed repo: at network size (tens of millions) one takes seconds. It runs at most
+/// once per this many times its last duration (5 % of the time), between [`CHECK_PERIOD`] and
+/// [`MAX_COUNT_PERIOD`]; before, it ran after every page, quadratic in the listing.
+const COUNT_COST_SHARE: u32 = 20;
+/// The longest the progress and the gauges go without a full count.
+const MAX_COUNT_PERIOD: Duration = Duration::from_secs(300);
 
 /// Why a backfill stopped before it was over.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +186,7 @@ async fn drive(
         })?;
     let (mut cursor, mut listed_all) = start(pool, &relay, restart_finished).await?;
     info!(relay = %relay, resume = ?cursor, listed_all, "backfill: enumerating repos");
+    let mut counts = CountPeriod::default();
     loop {
         if cancel.is_cancelled() {
             return Err(BackfillError::Interrupted);
@@ -201,8 +210,13 @@ async fn drive(
             listed_all = next.is_none();
             cursor = next;
         }
-        let status = check(pool, &relay, progress, stats).await?;
-        if listed_all && status.pending == 0 {
+        if counts.due() {
+            let started = Instant::now();
+            check(pool, &relay, progress, stats).await?;
+            counts.counted(started.elapsed());
+        }
+        if listed_all && !any_pending(pool, &relay).await? {
+            let status = check(pool, &relay, progress, stats).await?;
             return finish(pool, &relay, status).await;
         }
         if listed_all {
@@ -253,6 +267,41 @@ struct Status {
     done: u64,
     inactive: u64,
     pending: u64,
+}
+
+/// When the next full count ([`check`]) is due: its period follows its cost.
+#[derive(Debug, Default)]
+struct CountPeriod {
+    last: Option<Instant>,
+    every: Duration,
+}
+
+impl CountPeriod {
+    fn due(&self) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= self.every)
+    }
+
+    /// A count just took `took`.
+    fn counted(&mut self, took: Duration) {
+        self.every = (took * COUNT_COST_SHARE).clamp(CHECK_PERIOD, MAX_COUNT_PERIOD);
+        self.last = Some(Instant::now());
+    }
+}
+
+/// Whether a listed active repo is still queued for a resync (due, claimed or backing off):
+/// the backfill is not over. Read from the queue side, so it costs what is still queued, not
+/// what was listed.
+async fn any_pending(pool: &Pool, relay: &str) -> Result<bool, BackfillError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM resync_queue q \
+               JOIN backfill_repos b ON b.relay = $1 AND b.did = q.did \
+               WHERE b.status IS NULL)",
+            &[&relay],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// Counts the listed repos by outcome; updates the progress and the gauges.
@@ -342,4 +391,22 @@ async fn finish(pool: &Pool, relay: &str, status: Status) -> Result<Report, Back
         inactive: status.inactive,
         failed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_full_count_runs_at_once_then_as_often_as_its_cost_allows() {
+        let mut p = CountPeriod::default();
+        assert!(p.due(), "the first count is due at once");
+        p.counted(Duration::from_millis(1));
+        assert_eq!(p.every, CHECK_PERIOD, "a cheap count: every check");
+        assert!(!p.due());
+        p.counted(Duration::from_secs(2));
+        assert_eq!(p.every, Duration::from_secs(40), "5 % of the time");
+        p.counted(Duration::from_secs(60));
+        assert_eq!(p.every, MAX_COUNT_PERIOD);
+    }
 }
