@@ -11,7 +11,7 @@
 //! decompressed once under `target/`), the network from `BENCH_VERIFY_NETWORK` (default
 //! `../shared/fixtures/firehose/bfbench.network`), the database from `BENCH_DATABASE_URL`
 //! (default `postgres://postgres@127.0.0.1:5432/atproto_ingest_bench`, dropped and recreated
-//! before each run).
+//! before each run), the writer lanes from `BENCH_WRITER_LANES` (default: the daemon's).
 
 mod common;
 #[path = "../tests/it/common/standin.rs"]
@@ -35,6 +35,9 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|_| common::shared("bfbench.network"));
     let url = common::database_url();
+    let lanes: Option<usize> = std::env::var("BENCH_WRITER_LANES")
+        .ok()
+        .map(|v| v.parse().expect("BENCH_WRITER_LANES: a number"));
     let rt = common::runtime();
     rt.block_on(async move {
         let net = standin::StandIn::start(standin::Network::load(&network)).await;
@@ -48,6 +51,9 @@ fn main() {
                 common::drop_database(&url).await;
                 let mut cfg = common::replay_config();
                 cfg.verify_commits = verify;
+                if let Some(n) = lanes {
+                    cfg.writer_lanes = n;
+                }
                 cfg.users.identity = net.identity_config();
                 cfg.users.identity.resolve_identities = false;
                 let pg0 = postmaster.as_deref().map(common::pg_cpu_secs);
