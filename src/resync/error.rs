@@ -81,6 +81,7 @@ impl ResyncError {
             Self::BadCar(_) => "bad_car",
             Self::AccountDeleted => "account_deleted",
             Self::Stale { .. } => "stale",
+            Self::Write(e) if e.is_data_error() => "db_data_error",
             Self::Write(_) => "db_error",
         }
     }
@@ -100,12 +101,49 @@ impl ResyncError {
             | Self::BadSignature
             | Self::BadCar(_)
             | Self::AccountDeleted => true,
+            // PostgreSQL refused what the repo holds (SQLSTATE class 22, 23 or 54: values the
+            // sanitizer does not cover): the same CAR fails the same way, so fetching it again
+            // every hour only costs the PDS and us. Other database errors are retried.
+            Self::Write(e) => e.is_data_error(),
             Self::Status(_)
             | Self::Http { .. }
             | Self::Refused { .. }
             | Self::Timeout(_)
-            | Self::Stale { .. }
-            | Self::Write(_) => false,
+            | Self::Stale { .. } => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_error(sqlstate: &str) -> ResyncError {
+        ResyncError::Write(TxError::Permanent {
+            sqlstate: sqlstate.into(),
+            attempts: 1,
+            source: WriteError::Fenced {
+                service: "s".into(),
+                fence: 1,
+            },
+        })
+    }
+
+    #[test]
+    fn a_repo_postgres_refuses_is_given_up_other_database_errors_are_retried() {
+        for data in ["22P05", "23514", "54000"] {
+            let e = write_error(data);
+            assert!(e.is_permanent(), "{data}");
+            assert_eq!(e.reason(), "db_data_error");
+        }
+        let e = write_error("42P01");
+        assert!(!e.is_permanent());
+        assert_eq!(e.reason(), "db_error");
+        let timed_out = ResyncError::Write(TxError::TimedOut {
+            limit: std::time::Duration::from_secs(1),
+            attempts: 4,
+        });
+        assert!(!timed_out.is_permanent());
+        assert_eq!(timed_out.reason(), "db_error");
     }
 }
