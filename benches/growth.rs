@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench growth` — corpus from `BENCH_FRAMES` (as `replay`), database from
 //! `BENCH_DATABASE_URL` (dropped and recreated first), `BENCH_GROWTH_COPIES` copies in all
-//! (default 9: ~2 M rows before the last; 48 reach ~10 M), `BENCH_WRITER_LANES` (default 1),
+//! (default 9: ~2 M rows before the last; 48 reach ~10 M), `BENCH_WRITER_LANES` (default: the daemon's),
 //! `BENCH_GROWTH_CONTROL_EVERY=N`: every N-th copy is also replayed into an empty database at
 //! once, so load from outside the benchmark shows in both numbers and cancels in their ratio. Each
 //! copy is written under `target/growth/` just before its replay and removed after it.
@@ -142,7 +142,7 @@ fn main() {
     assert!(copies < 1024, "at most 1023 copies keep the DIDs distinct");
     let lanes: usize = std::env::var("BENCH_WRITER_LANES")
         .map(|v| v.parse().expect("BENCH_WRITER_LANES"))
-        .unwrap_or(1);
+        .unwrap_or(atproto_ingest::pipeline::DEFAULT_WRITER_LANES);
     let control_every: usize = std::env::var("BENCH_GROWTH_CONTROL_EVERY")
         .map(|v| v.parse().expect("BENCH_GROWTH_CONTROL_EVERY"))
         .unwrap_or(0);
