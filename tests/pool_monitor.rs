@@ -14,6 +14,10 @@ use atproto_ingest::pool_monitor::{PoolMonitor, Report, Severity, SAMPLE_HISTORY
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// The pool gauges live in the process-wide recorder and both tests set them (pools of 10 and
+/// of 4): run one at a time, or a render of one test can show the other's sample.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Clone, Default)]
 struct Buf(Arc<Mutex<Vec<u8>>>);
 
@@ -43,6 +47,7 @@ fn sample_logged(mon: &PoolMonitor) -> (Report, String) {
 
 #[sqlx::test(migrations = "./migrations")]
 async fn warns_at_80_and_is_critical_with_waiters(pg: PgPool) {
+    let _serial = SERIAL.lock().await;
     let handle = metrics::install();
     let pool = deadpool(&pg, 10).await;
     let mon = PoolMonitor::new(pool.clone(), Duration::from_secs(60));
@@ -116,6 +121,7 @@ async fn warns_at_80_and_is_critical_with_waiters(pg: PgPool) {
 
 #[sqlx::test(migrations = "./migrations")]
 async fn keeps_the_last_100_samples_and_runs_on_an_interval(pg: PgPool) {
+    let _serial = SERIAL.lock().await;
     let pool = deadpool(&pg, 4).await;
     let mon = Arc::new(PoolMonitor::new(pool.clone(), Duration::from_millis(20)));
     for _ in 0..105 {
