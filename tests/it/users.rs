@@ -228,11 +228,17 @@ async fn resolving_replay_equals_truth_and_fills_identities(pool: sqlx::PgPool) 
         requests <= 2 * refreshes,
         "{requests} requests, {refreshes} refreshes"
     );
-    assert_eq!(again.users.resolved.load(Ordering::Relaxed), 0);
-    assert_eq!(again.users.stubs.load(Ordering::Relaxed), 0);
+    let u = &again.users;
+    assert_eq!(u.resolved.load(Ordering::Relaxed), 0, "{u:?}");
+    assert_eq!(u.stubs.load(Ordering::Relaxed), 0, "{u:?}");
+    // Each DID is found in the database, or (under load, with the test's pool of 4 shared
+    // with the writer's lanes) its lookup outlasted the pending map's bound of 100 events per
+    // DID and its events went on at once: released, not created again.
+    let released = u.overflows.load(Ordering::Relaxed) + u.evictions.load(Ordering::Relaxed);
     assert_eq!(
-        again.users.known_in_db.load(Ordering::Relaxed) as usize,
-        fx.order.len()
+        (u.known_in_db.load(Ordering::Relaxed) + released) as usize,
+        fx.order.len(),
+        "{u:?}"
     );
     common::assert_matches_truth(&pool, &common::truth("small")).await;
 }
