@@ -140,9 +140,7 @@ fn main() {
         .map(|v| v.parse().expect("BENCH_GROWTH_COPIES"))
         .unwrap_or(9);
     assert!(copies < 1024, "at most 1023 copies keep the DIDs distinct");
-    let lanes: usize = std::env::var("BENCH_WRITER_LANES")
-        .map(|v| v.parse().expect("BENCH_WRITER_LANES"))
-        .unwrap_or(atproto_ingest::pipeline::DEFAULT_WRITER_LANES);
+    let lanes = common::writer_lanes();
     let control_every: usize = std::env::var("BENCH_GROWTH_CONTROL_EVERY")
         .map(|v| v.parse().expect("BENCH_GROWTH_CONTROL_EVERY"))
         .unwrap_or(0);

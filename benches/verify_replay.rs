@@ -35,9 +35,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|_| common::shared("bfbench.network"));
     let url = common::database_url();
-    let lanes: Option<usize> = std::env::var("BENCH_WRITER_LANES")
-        .ok()
-        .map(|v| v.parse().expect("BENCH_WRITER_LANES: a number"));
+    let lanes = common::writer_lanes();
     let rt = common::runtime();
     rt.block_on(async move {
         let net = standin::StandIn::start(standin::Network::load(&network)).await;
@@ -51,9 +49,7 @@ fn main() {
                 common::drop_database(&url).await;
                 let mut cfg = common::replay_config();
                 cfg.verify_commits = verify;
-                if let Some(n) = lanes {
-                    cfg.writer_lanes = n;
-                }
+                cfg.writer_lanes = lanes;
                 cfg.users.identity = net.identity_config();
                 cfg.users.identity.resolve_identities = false;
                 let pg0 = postmaster.as_deref().map(common::pg_cpu_secs);

@@ -161,6 +161,15 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A replay's pipeline settings at their defaults.
+/// Writer lanes of a single-setting benchmark: `BENCH_WRITER_LANES` (one number), else the
+/// daemon's default.
+pub fn writer_lanes() -> usize {
+    std::env::var("BENCH_WRITER_LANES")
+        .map_or(atproto_ingest::pipeline::DEFAULT_WRITER_LANES, |v| {
+            v.parse().expect("BENCH_WRITER_LANES: a number")
+        })
+}
+
 pub fn replay_config() -> atproto_ingest::pipeline::PipelineConfig {
     atproto_ingest::pipeline::PipelineConfig::new(atproto_ingest::cursor::CursorKey {
         service: String::new(),
