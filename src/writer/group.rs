@@ -122,7 +122,7 @@ pub async fn apply_repos(
     derived.absorb_aggregates(&mut born);
     derived.prune();
     born.prune();
-    derived::write_rows(tx, &derived, &mut applied).await?;
+    derived::write_rows(tx, &derived, &mut applied, derived::Existing::Impossible).await?;
     copy_born(tx, &born, &mut applied).await?;
     Ok((applied, diffs, Aggregates(derived)))
 }

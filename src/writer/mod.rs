@@ -25,7 +25,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::cursor::{self, CursorKey, WriteCursorError};
 use crate::firehose::Event;
-use derived::Derived;
+use derived::{Derived, Existing};
 pub use group::{apply_repos, write_aggregates, Aggregates, GroupRepo, RepoRows};
 use plan::{PlanStats, Revs};
 pub use repo::{apply_repo, RepoDiff};
@@ -160,7 +160,12 @@ pub(crate) async fn apply_events(
     applied.timed("actors_write", t0);
     records::write(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();
-    derived::write(tx, &derived, &mut applied).await?;
+    // `dead-letters retry` repairs: a stray derived row must not fail it again.
+    let existing = match revs {
+        Revs::Skip => Existing::Impossible,
+        Revs::Reapply => Existing::Kept,
+    };
+    derived::write(tx, &derived, &mut applied, existing).await?;
     applied.stats = plan.stats;
     applied.purged = plan.purges;
     Ok(applied)

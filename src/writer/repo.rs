@@ -52,7 +52,7 @@ pub async fn apply_repo(
     let mut derived = Derived::default();
     records::write(tx, &plan, &mut derived, &mut applied).await?;
     derived.prune();
-    super::derived::write(tx, &derived, &mut applied).await?;
+    super::derived::write(tx, &derived, &mut applied, super::derived::Existing::Kept).await?;
     applied.stats = plan.stats;
     Ok((applied, diff))
 }

@@ -31,6 +31,7 @@ mod relay_sanity;
 mod replay;
 mod repos;
 mod resync;
+mod stray_rows;
 mod sync_verify;
 mod takeover;
 mod tls;
