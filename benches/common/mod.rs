@@ -47,7 +47,10 @@ pub fn corpus(env: &str, default: &str) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Drops the database of `url` (it is created again, with its migrations, by the run).
+/// Drops the database of `url` (it is created again, with its migrations, by the run). With
+/// `BENCH_DB_COLLATE` set (e.g. `C`), creates it again here with that default collation
+/// (`LC_CTYPE` stays `C.UTF-8`), so a run can measure what the collation of the columns
+/// without an explicit one costs; the run then finds it and only migrates it.
 pub async fn drop_database(url: &str) {
     let db = DbConfig::new(url.to_owned());
     let name = db.database().expect("database name");
@@ -59,6 +62,14 @@ pub async fn drop_database(url: &str) {
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .await
         .expect("drop bench database");
+    if let Ok(collate) = std::env::var("BENCH_DB_COLLATE") {
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{name}\" TEMPLATE template0 LC_COLLATE '{collate}' LC_CTYPE 'C.UTF-8'"
+            ))
+            .await
+            .expect("create bench database with BENCH_DB_COLLATE");
+    }
 }
 
 /// This process's peak resident set (VmHWM), in MB.

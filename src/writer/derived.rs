@@ -198,7 +198,8 @@ impl Derived {
         }
     }
 
-    /// Drops aggregate entries whose deltas cancelled out.
+    /// Drops aggregate entries whose deltas cancelled out; sorts notifications and feed items
+    /// by key and keeps one of each.
     pub fn prune(&mut self) {
         self.post_aggs.retain(|_, d| d.iter().any(|x| *x != 0));
         self.profile_aggs.retain(|_, d| d.iter().any(|x| *x != 0));
@@ -209,6 +210,9 @@ impl Derived {
             a.record_uri == b.record_uri && a.reason == b.reason && a.recipient == b.recipient
         });
         self.feed_items.sort_by(|a, b| a.uri.cmp(&b.uri));
+        // One per record (a plan writes each record once); kept unique all the same, as the
+        // insert has no conflict check.
+        self.feed_items.dedup_by(|a, b| a.uri == b.uri);
         self.removed_uris.sort_unstable();
         self.removed_uris.dedup();
     }
@@ -442,4 +446,38 @@ pub(super) async fn write_aggregates(
     }
     applied.timed("profile_aggregates", t0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_item(uri: &str) -> FeedItem {
+        FeedItem {
+            uri: uri.to_owned(),
+            post_uri: uri.to_owned(),
+            originator: "did:plc:a".to_owned(),
+            kind: "post",
+            sort_at: DateTime::<Utc>::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn prune_keeps_one_derived_row_per_key_and_drops_cancelled_aggregates() {
+        let mut d = Derived {
+            feed_items: vec![
+                feed_item("at://b"),
+                feed_item("at://a"),
+                feed_item("at://b"),
+            ],
+            ..Derived::default()
+        };
+        d.post("at://p", LIKES, 1);
+        d.post("at://p", LIKES, -1);
+        d.post("at://q", REPOSTS, 1);
+        d.prune();
+        let uris: Vec<&str> = d.feed_items.iter().map(|f| f.uri.as_str()).collect();
+        assert_eq!(uris, ["at://a", "at://b"]);
+        assert_eq!(d.post_aggs.keys().collect::<Vec<_>>(), ["at://q"]);
+    }
 }
