@@ -219,7 +219,7 @@ macro_rules! collections {
 // - `row`, `map`: the row type and record → row; `columns`: the table's columns after the
 //   common four, in the order of the row type's `values()`;
 // - `key`: the upsert conflict key (`uri`, or `did` for one record per account);
-// - `derived`: for tables the derived tables follow (`writer/derived.rs`), the columns a
+// - `derived`: for tables the derived tables follow (`writer/derived/`), the columns a
 //   removed row returns; `None` otherwise.
 collections! {
     Post / Posts {
