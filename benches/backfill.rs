@@ -51,7 +51,7 @@ fn main() {
     rt.block_on(async move {
         let mut db = DbConfig::new(url.clone());
         db.pool_size = concurrency + 2;
-        common::drop_database(&url).await;
+        common::fresh_database(&url).await;
         atproto_ingest::db::prepare(&db).await.expect("create and migrate");
         let pool = atproto_ingest::db::connect(&db).await.expect("pool");
 

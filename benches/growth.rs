@@ -147,7 +147,7 @@ fn main() {
     let url = common::database_url();
     let rt = common::runtime();
     rt.block_on(async move {
-        common::drop_database(&url).await;
+        common::fresh_database(&url).await;
         let db = DbConfig::new(url.clone());
         atproto_ingest::db::prepare(&db).await.expect("bench database");
         for k in 0..copies {
@@ -181,7 +181,7 @@ fn main() {
                 // The same copy into an empty database right after: the machine's load at
                 // this moment, without the rows (its ratio to the copy is what size costs).
                 let control_url = format!("{url}_control");
-                common::drop_database(&control_url).await;
+                common::fresh_database(&control_url).await;
                 let control = DbConfig::new(control_url.clone());
                 atproto_ingest::db::prepare(&control).await.expect("control database");
                 let mut cfg = common::replay_config();

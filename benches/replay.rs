@@ -135,7 +135,7 @@ async fn run_once(
     batch_max_ops: usize,
     postmaster: Option<&str>,
 ) -> Run {
-    common::drop_database(url).await;
+    common::fresh_database(url).await;
     // Creates the database and runs the migrations outside the measured time.
     let db = DbConfig::new(url.to_owned());
     atproto_ingest::db::prepare(&db)

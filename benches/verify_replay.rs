@@ -46,7 +46,7 @@ fn main() {
         let mut results: Vec<Run> = Vec::new();
         for _ in 0..rounds {
             for verify in [false, true] {
-                common::drop_database(&url).await;
+                common::fresh_database(&url).await;
                 let mut cfg = common::replay_config();
                 cfg.verify_commits = verify;
                 cfg.writer_lanes = lanes;

@@ -47,11 +47,30 @@ pub fn corpus(env: &str, default: &str) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Drops the database of `url` (it is created again, with its migrations, by the run). With
-/// `BENCH_DB_COLLATE` set (e.g. `C`), creates it again here with that default collation
-/// (`LC_CTYPE` stays `C.UTF-8`), so a run can measure what the collation of the columns
-/// without an explicit one costs; the run then finds it and only migrates it.
+/// Drops the database of `url` (after a run: it leaves nothing behind).
 pub async fn drop_database(url: &str) {
+    admin_execute(url, |name| {
+        format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")
+    })
+    .await;
+}
+
+/// Before a run: drops the database of `url`, which the run creates again with its
+/// migrations. With `BENCH_DB_COLLATE` set (e.g. `C`), creates it here with that default
+/// collation (`LC_CTYPE` stays `C.UTF-8`), so a run can measure what the collation of the
+/// columns without an explicit one costs; the run then finds it and only migrates it.
+pub async fn fresh_database(url: &str) {
+    drop_database(url).await;
+    if let Ok(collate) = std::env::var("BENCH_DB_COLLATE") {
+        admin_execute(url, |name| {
+            format!("CREATE DATABASE \"{name}\" TEMPLATE template0 LC_COLLATE '{collate}' LC_CTYPE 'C.UTF-8'")
+        })
+        .await;
+    }
+}
+
+/// Runs `sql(database name of url)` on the server's `postgres` database.
+async fn admin_execute(url: &str, sql: impl FnOnce(&str) -> String) {
     let db = DbConfig::new(url.to_owned());
     let name = db.database().expect("database name");
     let mut admin = db.pg_config().expect("url");
@@ -59,17 +78,9 @@ pub async fn drop_database(url: &str) {
     let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(conn);
     client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .batch_execute(&sql(&name))
         .await
-        .expect("drop bench database");
-    if let Ok(collate) = std::env::var("BENCH_DB_COLLATE") {
-        client
-            .batch_execute(&format!(
-                "CREATE DATABASE \"{name}\" TEMPLATE template0 LC_COLLATE '{collate}' LC_CTYPE 'C.UTF-8'"
-            ))
-            .await
-            .expect("create bench database with BENCH_DB_COLLATE");
-    }
+        .expect("bench database statement");
 }
 
 /// This process's peak resident set (VmHWM), in MB.
