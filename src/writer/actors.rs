@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
 use super::plan::{ActorState, Plan};
-use super::{exec, query};
+use super::{exec, in_order};
 use crate::repos;
 
 /// Creates missing actors for `dids` (sorted: locks in key order), locks their rows and reads
@@ -19,22 +19,26 @@ pub(super) async fn read_state(
     if dids.is_empty() {
         return Ok(HashMap::new());
     }
-    exec(
-        tx,
-        "INSERT INTO actors (did) SELECT unnest($1::text[]) ON CONFLICT (did) DO NOTHING",
-        &[&dids],
-    )
-    .await?;
     // Locked (in key order) before planning: a resync or backfill writing one of these repos
     // commits either before this read, and the plan skips what its CAR already holds, or
     // after this batch. Read unlocked, a rev planned from a row a resync was replacing would
-    // be written over the CAR's newer one, moving the repo back.
-    let rows = query(
+    // be written over the CAR's newer one, moving the repo back. Both statements go in one
+    // round trip, the stubs first.
+    let mut done = in_order(
         tx,
-        "SELECT did, rev, status FROM actors WHERE did = ANY($1) ORDER BY did FOR NO KEY UPDATE",
-        &[&dids],
+        &[
+            (
+                "INSERT INTO actors (did) SELECT unnest($1::text[]) ON CONFLICT (did) DO NOTHING",
+                &[&dids],
+            ),
+            (
+                "SELECT did, rev, status FROM actors WHERE did = ANY($1) ORDER BY did FOR NO KEY UPDATE",
+                &[&dids],
+            ),
+        ],
     )
     .await?;
+    let rows = done.pop().unwrap_or_default();
     let mut state = HashMap::with_capacity(rows.len());
     for r in rows {
         state.insert(

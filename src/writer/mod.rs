@@ -111,17 +111,11 @@ pub async fn apply(
     cursor: Option<i64>,
     key: &CursorKey,
 ) -> Result<Applied, WriteError> {
-    let mut applied = apply_events(tx, events, Revs::Skip).await?;
-    let t0 = Instant::now();
-    match cursor {
-        Some(seq) => applied.cursor = Some(cursor::write(tx, key, seq).await?),
-        // `NO_CURSOR` never moves the stored cursor (it only goes up) but takes the row lock
-        // and checks the fence like any cursor write.
-        None => {
-            cursor::write(tx, key, cursor::NO_CURSOR).await?;
-        }
-    }
-    applied.timed("cursor", t0);
+    let seq = cursor.unwrap_or(cursor::NO_CURSOR);
+    let (mut applied, stored) = write_events(tx, events, Revs::Skip, Some((key, seq))).await?;
+    // `NO_CURSOR` never moves the stored cursor (it only goes up) but takes the row lock and
+    // checks the fence like any cursor write.
+    applied.cursor = cursor.and(stored);
     Ok(applied)
 }
 
@@ -143,10 +137,43 @@ pub(crate) async fn apply_events(
     events: &[Event],
     revs: Revs,
 ) -> Result<Applied, WriteError> {
-    tx.batch_execute(INDEXED_PLANS).await?;
+    Ok(write_events(tx, events, revs, None).await?.0)
+}
+
+/// [`apply_events`], then the cursor `(key, seq)` when given, sent with the last statements
+/// (same round trip); returns the cursor as stored. Four round trips in all for a batch: the
+/// actors' state, the actor and record changes, the derived rows and the cursor (each group
+/// [`in_order`]; a group waits only for what its parameters are made from), and the commit.
+async fn write_events(
+    tx: &Transaction<'_>,
+    events: &[Event],
+    revs: Revs,
+    cursor: Option<(&CursorKey, i64)>,
+) -> Result<(Applied, Option<i64>), WriteError> {
     let mut applied = Applied::default();
+    if events.is_empty() {
+        // The small transaction that stores a batch's cursor: one round trip.
+        let t0 = Instant::now();
+        let (set, stored) = futures_util::future::join(tx.batch_execute(INDEXED_PLANS), async {
+            match cursor {
+                Some((key, seq)) => cursor::write(tx, key, seq).await.map(Some),
+                None => Ok(None),
+            }
+        })
+        .await;
+        set?;
+        applied.timed("cursor", t0);
+        return Ok((applied, stored?));
+    }
     let t0 = Instant::now();
-    let state = actors::read_state(tx, &plan::dids_of(events)).await?;
+    // Sent first, so it applies to every statement after it (same round trip).
+    let dids = plan::dids_of(events);
+    let (set, state) = futures_util::future::join(
+        tx.batch_execute(INDEXED_PLANS),
+        actors::read_state(tx, &dids),
+    )
+    .await;
+    let ((), state) = both(set, state)?;
     applied.timed("actors_read", t0);
     let plan = plan::build(events, state, revs);
     let mut derived = Derived::default();
@@ -154,21 +181,50 @@ pub(crate) async fn apply_events(
         records::purge(tx, did, &mut derived, &mut applied).await?;
         derived::purge(tx, did, &mut applied).await?;
     }
-    // Actor status first: notifications to accounts deleted in this batch are not created.
+    // Actor changes and record changes in one round trip: they do not depend on each other.
+    // Actor status before the derived rows: notifications to accounts deleted in this batch
+    // are not created.
     let t0 = Instant::now();
-    actors::write(tx, &plan).await?;
-    applied.timed("actors_write", t0);
-    records::write(tx, &plan, &mut derived, &mut applied).await?;
+    let (actors, records) = futures_util::future::join(
+        actors::write(tx, &plan),
+        records::write(tx, &plan, &mut derived, &mut applied),
+    )
+    .await;
+    both(actors, records)?;
+    applied.timed("actors_records", t0);
     derived.prune();
     // `dead-letters retry` repairs: a stray derived row must not fail it again.
     let existing = match revs {
         Revs::Skip => Existing::Impossible,
         Revs::Reapply => Existing::Kept,
     };
-    derived::write(tx, &derived, &mut applied, existing).await?;
+    let t0 = Instant::now();
+    let mut derived_applied = Applied::default();
+    let (written, stored) = futures_util::future::join(
+        derived::write(tx, &derived, &mut derived_applied, existing),
+        async {
+            match cursor {
+                Some((key, seq)) => cursor::write(tx, key, seq).await.map(Some),
+                None => Ok(None),
+            }
+        },
+    )
+    .await;
+    let stored = match (written, stored) {
+        (Ok(()), Ok(stored)) => stored,
+        // The cursor's statement may have gone first (the derived rows' were not prepared
+        // yet): then its error is the cause of theirs.
+        (Err(e), Err(WriteCursorError::Db(c))) if aborted(&e) && !aborted(&c) => {
+            return Err(WriteError::Postgres(c))
+        }
+        (Err(e), _) => return Err(e.into()),
+        (Ok(()), Err(e)) => return Err(e.into()),
+    };
+    applied.merge(derived_applied);
+    applied.timed("derived_cursor", t0);
     applied.stats = plan.stats;
     applied.purged = plan.purges;
-    Ok(applied)
+    Ok((applied, stored))
 }
 
 /// Ends a batch written by several writer lanes (each lane's part already committed, without
@@ -208,6 +264,98 @@ async fn query(
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     let stmt = tx.prepare_cached(sql).await?;
     tx.query(&stmt, params).await
+}
+
+/// Runs independent statement sequences of one transaction concurrently: tokio-postgres
+/// pipelines them on the connection, so each step of all of them costs one round trip, not one
+/// per statement. Their results come back in the order of `runs`. PostgreSQL executes the
+/// statements one at a time in the order they were sent, so only sequences that do not depend
+/// on each other's effects may go together (a sequence's own steps stay in order).
+///
+/// When one statement fails, PostgreSQL refuses every later one of the aborted transaction
+/// with `25P02`: the error returned is the one that caused it, so the retry logic and the
+/// dead-letter split (§6) classify the batch by its real SQLSTATE.
+async fn pipelined<T, F>(runs: impl IntoIterator<Item = F>) -> Result<Vec<T>, tokio_postgres::Error>
+where
+    F: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for result in futures_util::future::join_all(runs).await {
+        match result {
+            Ok(v) => done.push(v),
+            Err(e) => errors.push(e),
+        }
+    }
+    let mut errors = errors.into_iter();
+    match errors.next() {
+        None => Ok(done),
+        Some(first) => Err(cause(first, errors)),
+    }
+}
+
+/// One statement to send: its SQL and its parameters.
+type Sql<'a> = (&'a str, &'a [&'a (dyn ToSql + Sync)]);
+
+/// Runs `statements` one after the other in one round trip: all are prepared first (those not
+/// cached yet in one pipelined round trip), so they are then sent in this order, and
+/// PostgreSQL executes them in the order sent. A later statement thus sees what an earlier
+/// one did; none of them may take its parameters from an earlier result. Returns each
+/// statement's rows, in order (see [`pipelined`] for the error returned).
+async fn in_order(
+    tx: &Transaction<'_>,
+    statements: &[Sql<'_>],
+) -> Result<Vec<Vec<tokio_postgres::Row>>, tokio_postgres::Error> {
+    let prepared = prepare(tx, statements).await?;
+    let sent = prepared.iter().zip(statements);
+    pipelined(sent.map(|(stmt, (_, params))| tx.query(stmt, params))).await
+}
+
+/// [`in_order`] for statements without rows: returns how many rows each changed.
+async fn execute_in_order(
+    tx: &Transaction<'_>,
+    statements: &[Sql<'_>],
+) -> Result<Vec<u64>, tokio_postgres::Error> {
+    let prepared = prepare(tx, statements).await?;
+    let sent = prepared.iter().zip(statements);
+    pipelined(sent.map(|(stmt, (_, params))| tx.execute(stmt, params))).await
+}
+
+/// The statements of `statements`, prepared (or taken from the connection's cache).
+async fn prepare(
+    tx: &Transaction<'_>,
+    statements: &[Sql<'_>],
+) -> Result<Vec<tokio_postgres::Statement>, tokio_postgres::Error> {
+    pipelined(statements.iter().map(|(sql, _)| tx.prepare_cached(sql))).await
+}
+
+/// Two results of [`pipelined`] statement sequences (of different types), as one.
+fn both<A, B>(
+    a: Result<A, tokio_postgres::Error>,
+    b: Result<B, tokio_postgres::Error>,
+) -> Result<(A, B), tokio_postgres::Error> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(cause(a, [b])),
+    }
+}
+
+/// A statement refused because an earlier one of its transaction failed (`25P02`).
+fn aborted(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
+/// The error that aborted a transaction among those its pipelined statements got: the first
+/// that is not `25P02` (refused because the transaction was already aborted).
+fn cause(
+    first: tokio_postgres::Error,
+    rest: impl IntoIterator<Item = tokio_postgres::Error>,
+) -> tokio_postgres::Error {
+    if !aborted(&first) {
+        return first;
+    }
+    rest.into_iter().find(|e| !aborted(e)).unwrap_or(first)
 }
 
 /// Adds `n` rows of `table` to a per-table count (zeros are not recorded).

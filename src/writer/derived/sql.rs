@@ -8,6 +8,8 @@ use deadpool_postgres::Transaction;
 use super::{Derived, Removed};
 use crate::mapping::Table;
 use crate::writer::{count, exec, Applied};
+use std::borrow::Cow;
+use tokio_postgres::types::ToSql;
 
 /// Reads the rows a `DELETE … RETURNING` removed into what derived tables need.
 pub(crate) fn removed_rows(
@@ -74,15 +76,21 @@ pub(crate) enum Existing {
 }
 
 /// Writes the folded batch: removed records' notifications and feed items go, new ones are
-/// inserted, aggregate deltas are added.
+/// inserted, aggregate deltas are added — every statement in one round trip
+/// ([`crate::writer::in_order`]), the aggregates last.
 pub(crate) async fn write(
     tx: &Transaction<'_>,
     d: &Derived,
     applied: &mut Applied,
     existing: Existing,
 ) -> Result<(), tokio_postgres::Error> {
-    write_rows(tx, d, applied, existing).await?;
-    write_aggregates(tx, d, applied).await
+    let t0 = std::time::Instant::now();
+    let columns = Columns::of(d);
+    let mut statements = columns.rows(d, existing);
+    statements.extend(columns.aggregates());
+    run(tx, statements, applied).await?;
+    applied.timed("derived", t0);
+    Ok(())
 }
 
 /// Inserts notifications, but not to accounts deleted here. Their statuses are read once per
@@ -98,7 +106,7 @@ const INSERT_FEED_ITEMS: &str =
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])";
 
 /// `sql` (one of the inserts above) as `existing` requires.
-fn insert_sql(sql: &'static str, existing: Existing) -> std::borrow::Cow<'static, str> {
+fn insert_sql(sql: &'static str, existing: Existing) -> Cow<'static, str> {
     match existing {
         Existing::Impossible => sql.into(),
         Existing::Kept => format!("{sql} ON CONFLICT DO NOTHING").into(),
@@ -125,71 +133,9 @@ pub(crate) async fn write_rows(
     existing: Existing,
 ) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
-    if !d.removed_uris.is_empty() {
-        let n = exec(
-            tx,
-            "DELETE FROM notifications WHERE record_uri = ANY($1)",
-            &[&d.removed_uris],
-        )
-        .await?;
-        count(&mut applied.deleted, "notifications", n as usize);
-        let n = exec(
-            tx,
-            "DELETE FROM feed_items WHERE uri = ANY($1)",
-            &[&d.removed_uris],
-        )
-        .await?;
-        count(&mut applied.deleted, "feed_items", n as usize);
-    }
-    applied.timed("derived_deletes", t0);
-    let t0 = std::time::Instant::now();
-    if !d.notifications.is_empty() {
-        let n = &d.notifications;
-        let record: Vec<&str> = n.iter().map(|x| x.record_uri.as_str()).collect();
-        let reason: Vec<&str> = n.iter().map(|x| x.reason).collect();
-        let recipient: Vec<&str> = n.iter().map(|x| x.recipient.as_str()).collect();
-        let author: Vec<&str> = n.iter().map(|x| x.author.as_str()).collect();
-        let cid: Vec<&str> = n.iter().map(|x| x.record_cid.as_str()).collect();
-        let subject: Vec<Option<&str>> = n.iter().map(|x| x.subject_uri.as_deref()).collect();
-        let at: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
-        let mut recipients = recipient.clone();
-        recipients.sort_unstable();
-        recipients.dedup();
-        let rows = exec(
-            tx,
-            &insert_sql(INSERT_NOTIFICATIONS, existing),
-            &[
-                &record,
-                &reason,
-                &recipient,
-                &author,
-                &cid,
-                &subject,
-                &at,
-                &recipients,
-            ],
-        )
-        .await?;
-        count(&mut applied.inserted, "notifications", rows as usize);
-    }
-    applied.timed("notifications", t0);
-    let t0 = std::time::Instant::now();
-    if !d.feed_items.is_empty() {
-        let f = &d.feed_items;
-        let uri: Vec<&str> = f.iter().map(|x| x.uri.as_str()).collect();
-        let post: Vec<&str> = f.iter().map(|x| x.post_uri.as_str()).collect();
-        let orig: Vec<&str> = f.iter().map(|x| x.originator.as_str()).collect();
-        let kind: Vec<&str> = f.iter().map(|x| x.kind).collect();
-        let at: Vec<DateTime<Utc>> = f.iter().map(|x| x.sort_at).collect();
-        let rows = exec(
-            tx,
-            &insert_sql(INSERT_FEED_ITEMS, existing),
-            &[&uri, &post, &orig, &kind, &at],
-        )
-        .await?;
-        count(&mut applied.inserted, "feed_items", rows as usize);
-    }
-    applied.timed("feed_items", t0);
+    let columns = Columns::of(d);
+    run(tx, columns.rows(d, existing), applied).await?;
+    applied.timed("derived_rows", t0);
     Ok(())
 }
 
@@ -202,39 +148,173 @@ pub(crate) async fn write_aggregates(
     applied: &mut Applied,
 ) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
-    if !d.post_aggs.is_empty() {
-        let keys: Vec<&str> = d.post_aggs.keys().map(String::as_str).collect();
-        let col = |i: usize| -> Vec<i64> { d.post_aggs.values().map(|v| v[i]).collect() };
-        let (a, b, c, e) = (col(0), col(1), col(2), col(3));
-        exec(
-            tx,
-            "INSERT INTO post_aggregates AS p (uri, like_count, repost_count, reply_count, quote_count) \
-             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
-             ON CONFLICT (uri) DO UPDATE SET like_count = p.like_count + excluded.like_count, \
-             repost_count = p.repost_count + excluded.repost_count, \
-             reply_count = p.reply_count + excluded.reply_count, \
-             quote_count = p.quote_count + excluded.quote_count",
-            &[&keys, &a, &b, &c, &e],
-        )
-        .await?;
+    run(tx, Columns::of(d).aggregates(), applied).await?;
+    applied.timed("aggregates", t0);
+    Ok(())
+}
+
+const UPSERT_POST_AGGREGATES: &str =
+    "INSERT INTO post_aggregates AS p (uri, like_count, repost_count, reply_count, quote_count) \
+    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
+    ON CONFLICT (uri) DO UPDATE SET like_count = p.like_count + excluded.like_count, \
+    repost_count = p.repost_count + excluded.repost_count, \
+    reply_count = p.reply_count + excluded.reply_count, \
+    quote_count = p.quote_count + excluded.quote_count";
+const UPSERT_PROFILE_AGGREGATES: &str = "INSERT INTO profile_aggregates AS p (did, followers_count, follows_count, posts_count) \
+    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+    ON CONFLICT (did) DO UPDATE SET followers_count = p.followers_count + excluded.followers_count, \
+    follows_count = p.follows_count + excluded.follows_count, \
+    posts_count = p.posts_count + excluded.posts_count";
+
+/// One statement of a derived write: the table its rows count for (`None`: not counted),
+/// whether it deletes, its SQL and its parameters.
+struct Statement<'c> {
+    counts: Option<(&'static str, bool)>,
+    sql: Cow<'static, str>,
+    params: Vec<&'c (dyn ToSql + Sync)>,
+}
+
+/// The parameter columns of a folded batch's statements, built once.
+struct Columns<'d> {
+    notifications: [Vec<&'d str>; 5],
+    subjects: Vec<Option<&'d str>>,
+    notified_at: Vec<DateTime<Utc>>,
+    /// Distinct recipients: their statuses are read once each.
+    recipients: Vec<&'d str>,
+    feed_items: [Vec<&'d str>; 4],
+    sort_at: Vec<DateTime<Utc>>,
+    post_keys: Vec<&'d str>,
+    post_counts: [Vec<i64>; 4],
+    profile_keys: Vec<&'d str>,
+    profile_counts: [Vec<i64>; 3],
+}
+
+impl<'d> Columns<'d> {
+    fn of(d: &'d Derived) -> Self {
+        let n = &d.notifications;
+        let notifications: [Vec<&str>; 5] = [
+            n.iter().map(|x| x.record_uri.as_str()).collect(),
+            n.iter().map(|x| x.reason).collect(),
+            n.iter().map(|x| x.recipient.as_str()).collect(),
+            n.iter().map(|x| x.author.as_str()).collect(),
+            n.iter().map(|x| x.record_cid.as_str()).collect(),
+        ];
+        let mut recipients = notifications[2].clone();
+        recipients.sort_unstable();
+        recipients.dedup();
+        let f = &d.feed_items;
+        Columns {
+            subjects: n.iter().map(|x| x.subject_uri.as_deref()).collect(),
+            notified_at: n.iter().map(|x| x.created_at).collect(),
+            notifications,
+            recipients,
+            feed_items: [
+                f.iter().map(|x| x.uri.as_str()).collect(),
+                f.iter().map(|x| x.post_uri.as_str()).collect(),
+                f.iter().map(|x| x.originator.as_str()).collect(),
+                f.iter().map(|x| x.kind).collect(),
+            ],
+            sort_at: f.iter().map(|x| x.sort_at).collect(),
+            post_keys: d.post_aggs.keys().map(String::as_str).collect(),
+            post_counts: std::array::from_fn(|i| d.post_aggs.values().map(|v| v[i]).collect()),
+            profile_keys: d.profile_aggs.keys().map(String::as_str).collect(),
+            profile_counts: std::array::from_fn(|i| {
+                d.profile_aggs.values().map(|v| v[i]).collect()
+            }),
+        }
     }
-    applied.timed("post_aggregates", t0);
-    let t0 = std::time::Instant::now();
-    if !d.profile_aggs.is_empty() {
-        let keys: Vec<&str> = d.profile_aggs.keys().map(String::as_str).collect();
-        let col = |i: usize| -> Vec<i64> { d.profile_aggs.values().map(|v| v[i]).collect() };
-        let (a, b, c) = (col(0), col(1), col(2));
-        exec(
-            tx,
-            "INSERT INTO profile_aggregates AS p (did, followers_count, follows_count, posts_count) \
-             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
-             ON CONFLICT (did) DO UPDATE SET followers_count = p.followers_count + excluded.followers_count, \
-             follows_count = p.follows_count + excluded.follows_count, \
-             posts_count = p.posts_count + excluded.posts_count",
-            &[&keys, &a, &b, &c],
-        )
-        .await?;
+
+    /// Removed records' notifications and feed items, then the new ones (in this order: a
+    /// replaced record's rows go before its new ones are inserted).
+    fn rows(&'d self, d: &'d Derived, existing: Existing) -> Vec<Statement<'d>> {
+        let mut out = Vec::new();
+        if !d.removed_uris.is_empty() {
+            out.push(Statement {
+                counts: Some(("notifications", true)),
+                sql: "DELETE FROM notifications WHERE record_uri = ANY($1)".into(),
+                params: vec![&d.removed_uris],
+            });
+            out.push(Statement {
+                counts: Some(("feed_items", true)),
+                sql: "DELETE FROM feed_items WHERE uri = ANY($1)".into(),
+                params: vec![&d.removed_uris],
+            });
+        }
+        if !d.notifications.is_empty() {
+            let [record, reason, recipient, author, cid] = &self.notifications;
+            out.push(Statement {
+                counts: Some(("notifications", false)),
+                sql: insert_sql(INSERT_NOTIFICATIONS, existing),
+                params: vec![
+                    record,
+                    reason,
+                    recipient,
+                    author,
+                    cid,
+                    &self.subjects,
+                    &self.notified_at,
+                    &self.recipients,
+                ],
+            });
+        }
+        if !d.feed_items.is_empty() {
+            let [uri, post, originator, kind] = &self.feed_items;
+            out.push(Statement {
+                counts: Some(("feed_items", false)),
+                sql: insert_sql(INSERT_FEED_ITEMS, existing),
+                params: vec![uri, post, originator, kind, &self.sort_at],
+            });
+        }
+        out
     }
-    applied.timed("profile_aggregates", t0);
+
+    /// The aggregate upserts, keys in order.
+    fn aggregates(&'d self) -> Vec<Statement<'d>> {
+        let post = (!self.post_keys.is_empty())
+            .then(|| upsert(UPSERT_POST_AGGREGATES, &self.post_keys, &self.post_counts));
+        let profile = (!self.profile_keys.is_empty()).then(|| {
+            upsert(
+                UPSERT_PROFILE_AGGREGATES,
+                &self.profile_keys,
+                &self.profile_counts,
+            )
+        });
+        post.into_iter().chain(profile).collect()
+    }
+}
+
+/// The upsert `sql` of an aggregate table's deltas: its keys, then one column per counter.
+fn upsert<'c>(
+    sql: &'static str,
+    keys: &'c (dyn ToSql + Sync),
+    counts: &'c [Vec<i64>],
+) -> Statement<'c> {
+    let mut params = vec![keys];
+    params.extend(counts.iter().map(|c| c as &(dyn ToSql + Sync)));
+    Statement {
+        counts: None,
+        sql: sql.into(),
+        params,
+    }
+}
+
+/// Runs `statements` in one round trip, in order, and counts their rows.
+async fn run(
+    tx: &Transaction<'_>,
+    statements: Vec<Statement<'_>>,
+    applied: &mut Applied,
+) -> Result<(), tokio_postgres::Error> {
+    let sent: Vec<(&str, &[&(dyn ToSql + Sync)])> = statements
+        .iter()
+        .map(|s| (s.sql.as_ref(), s.params.as_slice()))
+        .collect();
+    let done = crate::writer::execute_in_order(tx, &sent).await?;
+    for (s, n) in statements.iter().zip(done) {
+        match s.counts {
+            Some((table, true)) => count(&mut applied.deleted, table, n as usize),
+            Some((table, false)) => count(&mut applied.inserted, table, n as usize),
+            None => {}
+        }
+    }
     Ok(())
 }
