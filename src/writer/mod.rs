@@ -141,9 +141,10 @@ pub(crate) async fn apply_events(
 }
 
 /// [`apply_events`], then the cursor `(key, seq)` when given, sent with the last statements
-/// (same round trip); returns the cursor as stored. Four round trips in all for a batch: the
-/// actors' state, the actor and record changes, the derived rows and the cursor (each group
-/// [`in_order`]; a group waits only for what its parameters are made from), and the commit.
+/// (same round trip); returns the cursor as stored. Three round trips for a batch's
+/// statements, between its `BEGIN` and `COMMIT`: the actors' state, the actor and record
+/// changes, the derived rows with the cursor (each group [`in_order`]; a group waits only for
+/// the results its parameters are made from).
 async fn write_events(
     tx: &Transaction<'_>,
     events: &[Event],
