@@ -85,9 +85,9 @@ pub(crate) async fn write(
     existing: Existing,
 ) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
-    let columns = Columns::of(d);
-    let mut statements = columns.rows(d, existing);
-    statements.extend(columns.aggregates());
+    let (rows, aggregates) = (RowColumns::of(d), AggregateColumns::of(d));
+    let mut statements = rows.statements(d, existing);
+    statements.extend(aggregates.statements());
     run(tx, statements, applied).await?;
     applied.timed("derived", t0);
     Ok(())
@@ -133,8 +133,8 @@ pub(crate) async fn write_rows(
     existing: Existing,
 ) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
-    let columns = Columns::of(d);
-    run(tx, columns.rows(d, existing), applied).await?;
+    let columns = RowColumns::of(d);
+    run(tx, columns.statements(d, existing), applied).await?;
     applied.timed("derived_rows", t0);
     Ok(())
 }
@@ -148,7 +148,7 @@ pub(crate) async fn write_aggregates(
     applied: &mut Applied,
 ) -> Result<(), tokio_postgres::Error> {
     let t0 = std::time::Instant::now();
-    run(tx, Columns::of(d).aggregates(), applied).await?;
+    run(tx, AggregateColumns::of(d).statements(), applied).await?;
     applied.timed("aggregates", t0);
     Ok(())
 }
@@ -174,8 +174,8 @@ struct Statement<'c> {
     params: Vec<&'c (dyn ToSql + Sync)>,
 }
 
-/// The parameter columns of a folded batch's statements, built once.
-struct Columns<'d> {
+/// The parameter columns of a folded batch's notification and feed-item statements.
+struct RowColumns<'d> {
     notifications: [Vec<&'d str>; 5],
     subjects: Vec<Option<&'d str>>,
     notified_at: Vec<DateTime<Utc>>,
@@ -183,13 +183,17 @@ struct Columns<'d> {
     recipients: Vec<&'d str>,
     feed_items: [Vec<&'d str>; 4],
     sort_at: Vec<DateTime<Utc>>,
+}
+
+/// The parameter columns of a folded batch's aggregate upserts.
+struct AggregateColumns<'d> {
     post_keys: Vec<&'d str>,
     post_counts: [Vec<i64>; 4],
     profile_keys: Vec<&'d str>,
     profile_counts: [Vec<i64>; 3],
 }
 
-impl<'d> Columns<'d> {
+impl<'d> RowColumns<'d> {
     fn of(d: &'d Derived) -> Self {
         let n = &d.notifications;
         let notifications: [Vec<&str>; 5] = [
@@ -203,7 +207,7 @@ impl<'d> Columns<'d> {
         recipients.sort_unstable();
         recipients.dedup();
         let f = &d.feed_items;
-        Columns {
+        RowColumns {
             subjects: n.iter().map(|x| x.subject_uri.as_deref()).collect(),
             notified_at: n.iter().map(|x| x.created_at).collect(),
             notifications,
@@ -215,18 +219,12 @@ impl<'d> Columns<'d> {
                 f.iter().map(|x| x.kind).collect(),
             ],
             sort_at: f.iter().map(|x| x.sort_at).collect(),
-            post_keys: d.post_aggs.keys().map(String::as_str).collect(),
-            post_counts: std::array::from_fn(|i| d.post_aggs.values().map(|v| v[i]).collect()),
-            profile_keys: d.profile_aggs.keys().map(String::as_str).collect(),
-            profile_counts: std::array::from_fn(|i| {
-                d.profile_aggs.values().map(|v| v[i]).collect()
-            }),
         }
     }
 
     /// Removed records' notifications and feed items, then the new ones (in this order: a
     /// replaced record's rows go before its new ones are inserted).
-    fn rows(&'d self, d: &'d Derived, existing: Existing) -> Vec<Statement<'d>> {
+    fn statements(&'d self, d: &'d Derived, existing: Existing) -> Vec<Statement<'d>> {
         let mut out = Vec::new();
         if !d.removed_uris.is_empty() {
             out.push(Statement {
@@ -267,9 +265,22 @@ impl<'d> Columns<'d> {
         }
         out
     }
+}
+
+impl<'d> AggregateColumns<'d> {
+    fn of(d: &'d Derived) -> Self {
+        AggregateColumns {
+            post_keys: d.post_aggs.keys().map(String::as_str).collect(),
+            post_counts: std::array::from_fn(|i| d.post_aggs.values().map(|v| v[i]).collect()),
+            profile_keys: d.profile_aggs.keys().map(String::as_str).collect(),
+            profile_counts: std::array::from_fn(|i| {
+                d.profile_aggs.values().map(|v| v[i]).collect()
+            }),
+        }
+    }
 
     /// The aggregate upserts, keys in order.
-    fn aggregates(&'d self) -> Vec<Statement<'d>> {
+    fn statements(&'d self) -> Vec<Statement<'d>> {
         let post = (!self.post_keys.is_empty())
             .then(|| upsert(UPSERT_POST_AGGREGATES, &self.post_keys, &self.post_counts));
         let profile = (!self.profile_keys.is_empty()).then(|| {
